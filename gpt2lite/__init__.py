@@ -1,0 +1,10 @@
+"""gpt2lite: GPT-2 and its fine-tuning methods, written by hand in PyTorch."""
+
+from .config import GPT2Config
+from .generate import KVCache, generate
+from .model import GPT2, GPT2ForSequenceClassification, count_parameters
+from .tokenizer import Tokenizer
+
+__all__ = ["GPT2Config", "GPT2", "GPT2ForSequenceClassification", "Tokenizer", "generate", "KVCache",
+           "count_parameters"]
+__version__ = "0.1.0"

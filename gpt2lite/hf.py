@@ -1,0 +1,303 @@
+"""The Hugging Face bridge: read and write checkpoints that transformers reads and writes.
+
+Loading: a hub id is downloaded (and cached) through huggingface_hub; a local directory is read directly.
+Weights come from model.safetensors, pytorch_model.bin, or a sharded index of either. Each architecture
+describes itself with an `Architecture` entry: how its config.json maps to GPT2Config and which weights
+are stored transposed (GPT-2's Conv1D) or are buffers to ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .config import GPT2Config
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, corrupted, or made for another model."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    config_from_hf: Callable[[dict], GPT2Config]
+    config_to_hf: Callable[[GPT2Config], dict]
+    transposed: tuple = ()  # key suffixes of weights stored as (in, out)
+    ignored: tuple = ()  # regexes of checkpoint keys that are buffers, not weights
+    hf_class_names: Dict[str, str] = field(default_factory=dict)  # our class name -> transformers' class
+
+
+def _gpt2_config_from_hf(d: dict) -> GPT2Config:
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if d.get(flag):
+            raise CheckpointError(f"config.json sets {flag}=true, which gpt2lite does not implement")
+    if d.get("add_cross_attention"):
+        raise CheckpointError("config.json sets add_cross_attention=true; gpt2lite has decoder-only GPT-2")
+    return GPT2Config(
+        vocab_size=d["vocab_size"], n_positions=d["n_positions"], n_embd=d["n_embd"], n_layer=d["n_layer"],
+        n_head=d["n_head"], n_inner=d.get("n_inner"),
+        activation_function=d.get("activation_function", "gelu_new"),
+        layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5), embd_pdrop=d.get("embd_pdrop", 0.1),
+        attn_pdrop=d.get("attn_pdrop", 0.1), resid_pdrop=d.get("resid_pdrop", 0.1),
+        initializer_range=d.get("initializer_range", 0.02),
+        tie_word_embeddings=d.get("tie_word_embeddings", True),
+        bos_token_id=_first(d.get("bos_token_id", 50256)), eos_token_id=_first(d.get("eos_token_id", 50256)),
+        pad_token_id=d.get("pad_token_id"), num_labels=_num_labels(d),
+        scale_attn=d.get("scale_attn_weights", True),
+    )
+
+
+def _gpt2_config_to_hf(c: GPT2Config) -> dict:
+    return dict(
+        model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.n_positions, n_ctx=c.n_positions,
+        n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.n_inner,
+        activation_function=c.activation_function, layer_norm_epsilon=c.layer_norm_epsilon,
+        embd_pdrop=c.embd_pdrop, attn_pdrop=c.attn_pdrop, resid_pdrop=c.resid_pdrop,
+        initializer_range=c.initializer_range, tie_word_embeddings=c.tie_word_embeddings,
+        scale_attn_weights=c.scale_attn, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+    )
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x
+
+
+def _num_labels(d: dict) -> Optional[int]:
+    if "id2label" in d and d.get("architectures") and any("Classification" in a for a in d["architectures"]):
+        return len(d["id2label"])
+    return d.get("num_labels") if "num_labels" in d else None
+
+
+ARCHITECTURES: Dict[str, Architecture] = {
+    "gpt2": Architecture(
+        model_type="gpt2",
+        config_from_hf=_gpt2_config_from_hf,
+        config_to_hf=_gpt2_config_to_hf,
+        transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
+        ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),
+        hf_class_names={"GPT2": "GPT2LMHeadModel", "GPT2ForSequenceClassification": "GPT2ForSequenceClassification"},
+    ),
+}
+
+
+def architecture(model_type: str) -> Architecture:
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; gpt2lite knows {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]
+
+
+# ---------------------------------------------------------------------------------------------- locating
+
+
+def resolve(name_or_path: str) -> str:
+    """A local directory holding config.json and weights; hub ids are downloaded into the HF cache."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path):
+        raise CheckpointError(f"{name_or_path!r} is a file; pass the directory that holds config.json and the weights")
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise CheckpointError(f"no directory {name_or_path!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            repo_id=name_or_path,
+            allow_patterns=["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+        )
+    except Exception as error:  # offline, unknown repo, no network: say what to do instead
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise CheckpointError(
+            f"could not get {name_or_path!r} from the Hugging Face Hub"
+            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(error).__name__}: {error}\n"
+            "To load weights without the network, pass a local directory instead: "
+            "GPT2.from_pretrained('/path/to/dir'), where the directory holds config.json and "
+            "model.safetensors (or pytorch_model.bin), e.g. one written by save_pretrained()."
+        ) from None
+
+
+def _download_bin_if_needed(directory: str, name_or_path: str) -> str:
+    """Hub repos without safetensors (older ones) only have pytorch_model.bin: fetch it then."""
+    if any(os.path.exists(os.path.join(directory, f)) for f in WEIGHT_FILES) or os.path.isdir(name_or_path):
+        return directory
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=name_or_path, allow_patterns=["config.json", "pytorch_model*.bin*"])
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_config(directory: str) -> GPT2Config:
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory!r} has no config.json; is it a Hugging Face model directory?")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    try:
+        return architecture(d.get("model_type", "gpt2")).config_from_hf(d)
+    except KeyError as missing:
+        raise CheckpointError(f"{path} lacks the field {missing}") from None
+
+
+def _load_file(path: str) -> Dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"could not read {path}: {type(error).__name__}: {error}. The file is probably truncated or "
+            "corrupted (an interrupted download?); delete it and download or save it again."
+        ) from None
+
+
+def read_state_dict(directory: str) -> Dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, from a single file or a sharded index."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        if not name.endswith(".index.json"):
+            return _load_file(path)
+        with open(path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            shard_path = os.path.join(directory, shard)
+            if not os.path.exists(shard_path):
+                raise CheckpointError(f"{path} names the shard {shard}, which is missing from {directory}")
+            state.update(_load_file(shard_path))
+        return state
+    raise CheckpointError(
+        f"{directory!r} holds no weights: expected one of {', '.join(WEIGHT_FILES)}"
+    )
+
+
+def hf_to_gpt2lite(state: Dict[str, torch.Tensor], arch: Architecture) -> Dict[str, torch.Tensor]:
+    """Rename (add the 'transformer.' prefix bare GPT2Model checkpoints lack), transpose Conv1D weights,
+    drop buffers."""
+    out = {}
+    for key, tensor in state.items():
+        if any(re.search(pattern, key) for pattern in arch.ignored):
+            continue
+        if not key.startswith(("transformer.", "lm_head.", "score.")):
+            key = "transformer." + key
+        if key.endswith(arch.transposed):
+            tensor = tensor.t()
+        out[key] = tensor
+    return out
+
+
+def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels: Optional[int] = None):
+    directory = _download_bin_if_needed(resolve(name_or_path), name_or_path)
+    config = read_config(directory)
+    arch = architecture(config.model_type)
+    state = hf_to_gpt2lite(read_state_dict(directory), arch)
+    kwargs = {}
+    if cls.__name__.endswith("ForSequenceClassification"):
+        if "score.weight" in state:
+            found = state["score.weight"].shape[0]
+            if num_labels is not None and num_labels != found:
+                raise CheckpointError(f"the checkpoint's score head has {found} labels, num_labels={num_labels} was asked for")
+            num_labels = found
+        kwargs["num_labels"] = num_labels if num_labels is not None else config.num_labels
+    with torch.device("meta"):
+        model = cls(config, **kwargs)
+    expected = model.state_dict()
+    tied = config.tie_word_embeddings and "lm_head.weight" in expected
+    if tied:  # lm_head is the same matrix as transformer.wte
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    if "lm_head.weight" not in expected:
+        state.pop("lm_head.weight", None)
+    if "score.weight" in expected and "score.weight" not in state:  # a new classification head
+        state["score.weight"] = torch.empty(expected["score.weight"].shape).normal_(0.0, config.initializer_range)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint in {directory!r} does not match {cls.__name__}({config.model_type}, "
+            f"n_layer={config.n_layer}): missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{key}: the checkpoint has shape {tuple(state[key].shape)}, the model expects "
+                f"{tuple(tensor.shape)}; config.json and the weights disagree (a checkpoint of another size?)"
+            )
+    dtype = dtype if dtype is not None else torch.float32
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def gpt2lite_to_hf(model) -> Dict[str, torch.Tensor]:
+    arch = architecture(model.config.model_type)
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # transformers re-ties it on load
+        if key.endswith(arch.transposed):
+            tensor = tensor.t()
+        out[key] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def atomic_write(path: str, write: Callable[[str], None]):
+    """Write through `write(tmp_path)` into a temporary file beside `path`, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pretrained(model, directory: str):
+    from safetensors.torch import save_file
+
+    config = model.config
+    arch = architecture(config.model_type)
+    hf_config = arch.config_to_hf(config)
+    hf_config["architectures"] = [arch.hf_class_names.get(type(model).__name__, type(model).__name__)]
+    if config.num_labels is not None and hf_config["architectures"][0].endswith("ForSequenceClassification"):
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
+    hf_config["torch_dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    state = gpt2lite_to_hf(model)
+    atomic_write(os.path.join(directory, "model.safetensors"),
+                 lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(hf_config, f, indent=2)
+
+    atomic_write(os.path.join(directory, "config.json"), write_json)

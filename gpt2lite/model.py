@@ -1,0 +1,313 @@
+"""GPT-2 written by hand, with Hugging Face's module names.
+
+    GPT2
+    ├── transformer (GPT2Model)
+    │   ├── wte, wpe          token and position embeddings
+    │   ├── drop
+    │   ├── h[i] (Block)      x + attn(ln_1(x)); x + mlp(ln_2(x))
+    │   │   ├── attn.c_attn   fused q, k, v projection
+    │   │   ├── attn.c_proj
+    │   │   ├── mlp.c_fc, mlp.c_proj
+    │   └── ln_f
+    └── lm_head               tied to transformer.wte
+
+Linear layers are plain nn.Linear (weight of shape (out, in)); Hugging Face's GPT-2 stores them as Conv1D
+(in, out), and hf.py transposes the four affected weights on load and save.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPT2Config
+
+
+def activation(name: str):
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through F.scaled_dot_product_attention.
+
+    Subclasses for other architectures override `project_qkv` and `project_out` only.
+    """
+
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.layer_idx = layer_idx
+        self.dropout = config.attn_pdrop
+        self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn else 1.0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def project_qkv(self, x):
+        return self.c_attn(x).split(x.size(-1), dim=-1)
+
+    def project_out(self, y):
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward(self, x, mask=None, kv_cache=None):
+        """x: (B, T, C); mask: None (plain causal) or bool (B or 1, 1, T, S) with True = may attend."""
+        B, T, C = x.shape
+        q, k, v = self.project_qkv(x)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, S, hs), S = past + T
+        # With no mask, queries and keys are aligned when T == S; a single query (decoding) sees every key.
+        is_causal = mask is None and T == k.size(2) and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.project_out(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim)
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd)
+        self.act = activation(config.activation_function)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+# Attention class per architecture; other model files register theirs here.
+ATTENTION_CLASSES = {"gpt2": CausalSelfAttention}
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = ATTENTION_CLASSES[config.model_type](config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), mask, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def attention_mask_for(attention_mask, q_len: int, kv_len: int, window: Optional[int], device):
+    """The boolean attention mask (B or 1, 1, q_len, kv_len) for SDPA, or None when plain causal suffices.
+
+    attention_mask: None or (B, kv_len) with 1 for real tokens and 0 for padding. Queries are the last
+    q_len of the kv_len positions. `window` limits each query to the `window` most recent keys.
+    """
+    needs_window = window is not None and window < kv_len
+    if attention_mask is None and not needs_window and (q_len == kv_len or q_len == 1):
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]  # (q_len, 1)
+    k_pos = torch.arange(kv_len, device=device)[None, :]  # (1, kv_len)
+    allowed = k_pos <= q_pos  # (q_len, kv_len)
+    if needs_window:
+        allowed = allowed & (k_pos > q_pos - window)
+    allowed = allowed[None, None]  # (1, 1, q_len, kv_len)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()  # (B, 1, q_len, kv_len)
+        # A padding query (left padding) has no real key to attend to; softmax over nothing gives NaN.
+        # Let it see itself: its output is never used, and the NaN would leak into gradients.
+        allowed = allowed | (k_pos == q_pos)[None, None]
+    return allowed
+
+
+class GPT2Model(nn.Module):
+    """The transformer body: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, C)."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, inputs_embeds=None):
+        """input_ids: (B, T) token ids, or inputs_embeds: (B, T, C).
+
+        attention_mask: (B, S) with S = past + T, 1 = token, 0 = padding; a (B, T) mask with a non-empty
+        cache is taken to cover only the new tokens (the cached ones count as real).
+        position_ids: (B, T) or (T,); by default past, past+1, ... as in Hugging Face.
+        kv_cache: an object with `.length`, `.update(layer_idx, k, v) -> (k_all, v_all)` and `.advance(T)`.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, C)")
+            self._check_ids(input_ids)
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        B, T, _ = inputs_embeds.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"input of {past + T} tokens is longer than the model's context of {self.config.n_positions}; "
+                f"truncate it (e.g. Tokenizer.encode_batch(..., max_length={self.config.n_positions}))"
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)  # (T,)
+        if attention_mask is not None:
+            if attention_mask.shape[-1] == T and past > 0:
+                attention_mask = F.pad(attention_mask, (past, 0), value=1)
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: take SDPA's fast causal path
+        x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
+        masks = {}  # one mask per distinct window size
+        for i, block in enumerate(self.h):
+            window = self.config.window(i)
+            if window not in masks:
+                masks[window] = attention_mask_for(attention_mask, T, past + T, window, x.device)
+            x = block(x, masks[window], kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.ln_f(x)  # (B, T, C)
+
+    def _check_ids(self, input_ids):
+        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
+        if input_ids.numel() and not input_ids.is_meta:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]"
+                )
+
+
+class PreTrained(nn.Module):
+    """What every model with a `transformer` body shares: init, HF loading/saving, cache sizing."""
+
+    config: GPT2Config
+
+    def _init_weights(self):
+        """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1.0 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype=None, device=None, **kwargs):
+        """Load a Hugging Face checkpoint: a hub id ("gpt2", "openai-community/gpt2-medium") or a local
+        directory with config.json and model.safetensors, pytorch_model.bin or a sharded index."""
+        from .hf import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, directory: str):
+        """Write config.json and model.safetensors that transformers loads."""
+        from .hf import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+class GPT2(PreTrained):
+    """GPT-2 with a language-modelling head tied to the token embedding."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self._init_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None,
+                inputs_embeds=None, last_only: bool = False):
+        """Returns logits (B, T, vocab_size), or (B, 1, vocab_size) with last_only=True."""
+        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds)
+        if last_only:
+            hidden = hidden[:, -1:, :]
+        return self.lm_head(hidden)
+
+
+class GPT2ForSequenceClassification(PreTrained):
+    """GPT-2 body with a linear `score` head read at each sequence's last real token."""
+
+    def __init__(self, config: GPT2Config, num_labels: Optional[int] = None):
+        super().__init__()
+        num_labels = num_labels if num_labels is not None else config.num_labels
+        if num_labels is None or num_labels <= 0:
+            raise ValueError("GPT2ForSequenceClassification needs num_labels > 0 (e.g. num_labels=20)")
+        config = config.replace(num_labels=num_labels)
+        self.config = config
+        self.num_labels = num_labels
+        self.transformer = GPT2Model(config)
+        self.score = nn.Linear(config.n_embd, num_labels, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self._init_weights()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
+        """Returns logits (B, num_labels)."""
+        hidden = self.transformer(input_ids, attention_mask, position_ids, None, inputs_embeds)  # (B, T, C)
+        B, T, _ = hidden.shape
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, B, T, hidden.device)
+        pooled = hidden[torch.arange(B, device=hidden.device), last]  # (B, C)
+        return self.score(pooled)  # (B, num_labels)
+
+
+def last_token_index(input_ids, attention_mask, pad_token_id, B, T, device):
+    """Index (B,) of each sequence's last real token: the rightmost position of the attention mask, or, as
+    transformers does, the rightmost token that is not pad_token_id."""
+    positions = torch.arange(T, device=device)
+    if attention_mask is not None:
+        real = attention_mask.bool()
+    elif pad_token_id is not None and input_ids is not None:
+        real = input_ids != pad_token_id
+    else:
+        if B > 1 and input_ids is None:
+            raise ValueError("pass an attention_mask so the classifier can find each sequence's last token")
+        return torch.full((B,), T - 1, device=device)
+    return (positions * real).argmax(-1)
+
+
+def count_parameters(model: nn.Module):
+    """(trainable, total) parameter counts; shared (tied) parameters are counted once. Works on meta.
+
+    Modules that hold frozen weights outside parameters (4-bit quantized linears) report them through a
+    `num_quantized_parameters()` method so that the total still counts them.
+    """
+    trainable = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    for module in model.modules():
+        if hasattr(module, "num_quantized_parameters"):
+            total += module.num_quantized_parameters()
+    return trainable, total

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gpt2lite",
+    version="0.1.0",
+    description="GPT-2 and its fine-tuning methods (LoRA, QLoRA, prompt and prefix tuning, ...) in pure PyTorch",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gpt2lite", "gpt2lite.*"]),
+    package_data={"gpt2lite": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",  # install torch==2.13.0 first on CPU-only machines (see README)
+        "tiktoken>=0.7",
+        "numpy",
+        "datasets>=2.19",
+        "rouge-score>=0.1.2",
+        "sacrebleu>=2.3",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "tqdm",
+    ],
+    extras_require={
+        # transformers and peft are reference oracles for the tests, never imported by the library
+        "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2"],
+        "search": ["optuna>=3"],
+        "plot": ["matplotlib>=3.7"],
+    },
+)
