@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPT2Config
+from .loss import causal_lm_loss
 
 
 def activation(name: str):
@@ -248,9 +249,15 @@ class GPT2(PreTrained):
             self._init_weights()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None,
-                inputs_embeds=None, last_only: bool = False):
-        """Returns logits (B, T, vocab_size), or (B, 1, vocab_size) with last_only=True."""
+                inputs_embeds=None, last_only: bool = False, labels=None):
+        """Returns logits (B, T, vocab_size), or (B, 1, vocab_size) with last_only=True.
+
+        With labels (B, T) (-100 where there is no target), returns instead the mean next-token
+        cross-entropy over labelled positions, computing the LM head only at those positions.
+        """
         hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds)
+        if labels is not None:
+            return causal_lm_loss(hidden, labels, self.lm_head)
         if last_only:
             hidden = hidden[:, -1:, :]
         return self.lm_head(hidden)
@@ -272,13 +279,18 @@ class GPT2ForSequenceClassification(PreTrained):
         if not any(p.is_meta for p in self.parameters()):
             self._init_weights()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None):
-        """Returns logits (B, num_labels)."""
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None):
+        """Returns logits (B, num_labels); with labels (B,), the mean cross-entropy instead."""
         hidden = self.transformer(input_ids, attention_mask, position_ids, None, inputs_embeds)  # (B, T, C)
         B, T, _ = hidden.shape
         last = last_token_index(input_ids, attention_mask, self.config.pad_token_id, B, T, hidden.device)
         pooled = hidden[torch.arange(B, device=hidden.device), last]  # (B, C)
-        return self.score(pooled)  # (B, num_labels)
+        logits = self.score(pooled)  # (B, num_labels)
+        if labels is not None:
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
+                raise ValueError(f"labels must be in [0, {self.num_labels}), got {labels.tolist()}")
+            return F.cross_entropy(logits.float(), labels)
+        return logits
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id, B, T, device):
