@@ -94,7 +94,7 @@ def generate(model, input_ids, max_new_tokens: int, attention_mask=None, tempera
         raise ValueError("prompts must be left-padded for generation (padding_side='left')")
     extra = getattr(model, "num_virtual_tokens", 0)  # soft prompts occupy cache positions too
     context = model.config.n_positions
-    if T + extra + max_new_tokens > context:
+    if T + extra + max_new_tokens - 1 > context:  # the last new token is never fed back
         raise ValueError(
             f"prompt ({T} tokens) + {max_new_tokens} new tokens exceed the context of {context}; "
             "shorten the prompt or ask for fewer tokens"

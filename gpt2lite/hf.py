@@ -9,6 +9,7 @@ are stored transposed (GPT-2's Conv1D) or are buffers to ignore.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -18,6 +19,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .config import GPT2Config
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -35,6 +38,9 @@ class Architecture:
     transposed: tuple = ()  # key suffixes of weights stored as (in, out)
     ignored: tuple = ()  # regexes of checkpoint keys that are buffers, not weights
     hf_class_names: Dict[str, str] = field(default_factory=dict)  # our class name -> transformers' class
+    # module-name patterns a fine-tuning method adapts when none are given, as peft's per-model_type
+    # TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING: "lora", "ia3", "ia3_feedforward", "quantize" (QLoRA)
+    default_targets: Dict[str, tuple] = field(default_factory=dict)
 
 
 def _gpt2_config_from_hf(d: dict) -> GPT2Config:
@@ -87,6 +93,8 @@ ARCHITECTURES: Dict[str, Architecture] = {
         transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
         ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),
         hf_class_names={"GPT2": "GPT2LMHeadModel", "GPT2ForSequenceClassification": "GPT2ForSequenceClassification"},
+        default_targets={"lora": ("c_attn",), "ia3": ("c_attn", "mlp.c_proj"), "ia3_feedforward": ("mlp.c_proj",),
+                         "quantize": ("c_attn", "c_proj", "c_fc")},
     ),
 }
 
@@ -95,6 +103,16 @@ def architecture(model_type: str) -> Architecture:
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"model_type {model_type!r} is not supported; gpt2lite knows {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[model_type]
+
+
+def default_targets(model, method: str) -> tuple:
+    """The module-name patterns `method` ("lora", "ia3", "ia3_feedforward", "quantize") adapts by default
+    on this model's architecture: ("c_attn",) for GPT-2's LoRA, ("q_proj", "v_proj") for GPT-Neo's."""
+    arch = architecture(model.config.model_type)
+    if method not in arch.default_targets:
+        raise ValueError(f"no default targets for {method!r} on {arch.model_type}; pass the module names explicitly "
+                         f"(defaults exist for {sorted(arch.default_targets)})")
+    return arch.default_targets[method]
 
 
 # ---------------------------------------------------------------------------------------------- locating
@@ -205,6 +223,20 @@ def hf_to_gpt2lite(state: Dict[str, torch.Tensor], arch: Architecture) -> Dict[s
     return out
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype) -> torch.dtype:
+    """A floating dtype from None (float32), a torch.dtype or its name ("bfloat16")."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got {dtype!r}")
+
+
 def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels: Optional[int] = None):
     directory = _download_bin_if_needed(resolve(name_or_path), name_or_path)
     config = read_config(directory)
@@ -217,6 +249,9 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
             if num_labels is not None and num_labels != found:
                 raise CheckpointError(f"the checkpoint's score head has {found} labels, num_labels={num_labels} was asked for")
             num_labels = found
+        elif config.pad_token_id is None:
+            # a new head: GPT-2 has no pad token; batches are padded with eos, as transformers users do
+            config = config.replace(pad_token_id=config.eos_token_id)
         kwargs["num_labels"] = num_labels if num_labels is not None else config.num_labels
     with torch.device("meta"):
         model = cls(config, **kwargs)
@@ -224,8 +259,10 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
     tied = config.tie_word_embeddings and "lm_head.weight" in expected
     if tied:  # lm_head is the same matrix as transformer.wte
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
-    if "lm_head.weight" not in expected:
-        state.pop("lm_head.weight", None)
+    for head in ("lm_head.weight", "score.weight"):  # a language model from a classifier or the reverse
+        if head not in expected and head in state:
+            state.pop(head)
+            logger.info("ignoring %s from %s: %s has no such head", head, directory, cls.__name__)
     if "score.weight" in expected and "score.weight" not in state:  # a new classification head
         state["score.weight"] = torch.empty(expected["score.weight"].shape).normal_(0.0, config.initializer_range)
     missing = sorted(set(expected) - set(state))
@@ -242,13 +279,13 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
                 f"{key}: the checkpoint has shape {tuple(state[key].shape)}, the model expects "
                 f"{tuple(tensor.shape)}; config.json and the weights disagree (a checkpoint of another size?)"
             )
-    dtype = dtype if dtype is not None else torch.float32
+    dtype = torch_dtype(dtype)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
-    return model
+    return model.eval()  # as transformers does: dropout off until training asks for it
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -286,6 +323,14 @@ def save_pretrained(model, directory: str):
 
     config = model.config
     arch = architecture(config.model_type)
+    with torch.device("meta"):  # tensors a plain model lacks (adapters, 4-bit layers) have no place in HF's format
+        extra = sorted(set(model.state_dict()) - set(type(model)(config).state_dict()))
+    if extra:
+        raise CheckpointError(
+            f"the model holds tensors a Hugging Face checkpoint has no place for ({extra[:3]}...): adapters or "
+            "quantized layers. Fold LoRA in first (gpt2lite.peft.merge_and_unload(model)) or save the adapter "
+            "alone (gpt2lite.peft.save_adapter(model, directory))"
+        )
     hf_config = arch.config_to_hf(config)
     hf_config["architectures"] = [arch.hf_class_names.get(type(model).__name__, type(model).__name__)]
     if config.num_labels is not None and hf_config["architectures"][0].endswith("ForSequenceClassification"):
