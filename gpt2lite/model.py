@@ -41,7 +41,7 @@ def activation(name: str):
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through F.scaled_dot_product_attention.
 
-    Subclasses for other architectures override `project_qkv` and `project_out` only.
+    Subclasses for other architectures override `build_projections`, `project_qkv` and `project_out` only.
     """
 
     def __init__(self, config: GPT2Config, layer_idx: int):
@@ -51,9 +51,13 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.dropout = config.attn_pdrop
         self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn else 1.0
+        self.build_projections(config)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def build_projections(self, config: GPT2Config):
+        """Create the linear layers project_qkv and project_out use: GPT-2's fused c_attn and c_proj."""
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def project_qkv(self, x):
         return self.c_attn(x).split(x.size(-1), dim=-1)
@@ -144,6 +148,7 @@ class GPT2Model(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.virtual_tokens = None  # a soft prompt or prefix: gpt2lite/peft/prompt.py, prefix.py
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, inputs_embeds=None):
         """input_ids: (B, T) token ids, or inputs_embeds: (B, T, C).
@@ -158,6 +163,10 @@ class GPT2Model(nn.Module):
                 raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, C)")
             self._check_ids(input_ids)
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        n_real = inputs_embeds.size(1)
+        if self.virtual_tokens is not None:  # prepends prompt embeddings or fills the cache with a prefix
+            inputs_embeds, attention_mask, position_ids, kv_cache = self.virtual_tokens(
+                inputs_embeds, attention_mask, position_ids, kv_cache)
         B, T, _ = inputs_embeds.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.n_positions:
@@ -185,7 +194,7 @@ class GPT2Model(nn.Module):
             x = block(x, masks[window], kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.ln_f(x)  # (B, T, C)
+        return self.ln_f(x[:, T - n_real:])  # (B, n_real, C): a soft prompt's own outputs are dropped
 
     def _check_ids(self, input_ids):
         if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):

@@ -1,0 +1,114 @@
+"""One entry point that switches fine-tuning method by name: `apply(model, MethodConfig(...) or dict)`.
+
+    apply(model, {"name": "lora", "rank": 8, "alpha": 16, "targets": ["c_attn"]})
+
+Afterwards exactly the method's parameters are trainable. For a GPT2ForSequenceClassification the new
+`score` head stays trainable, as peft does for SEQ_CLS tasks: LoRA and QLoRA put it in modules_to_save
+(saved with the adapter, the frozen original kept beside the copy, as in peft, so counts equal peft's);
+"frozen" becomes a linear probe; last_n, bitfit, prompt, prefix and IA3 train it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning, is_classifier
+from .lora import add_lora
+
+METHODS = ("full", "frozen", "lora", "qlora", "prompt", "prefix", "last_n", "bitfit", "ia3")
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A fine-tuning method and its options; only the options of `name` are read."""
+
+    name: str
+    # lora, qlora
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Tuple[str, ...] = ("c_attn",)
+    bias: str = "none"  # "none" | "all" | "lora_only"
+    rslora: bool = False
+    dora: bool = False
+    layers_to_transform: Optional[Tuple[int, ...]] = None
+    modules_to_save: Optional[Tuple[str, ...]] = None  # classifiers add "score" themselves
+    # qlora
+    compute_dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    double_quant: bool = True
+    # prompt, prefix
+    n_tokens: int = 20
+    init_text: Optional[str] = None
+    projection: bool = False  # prefix tuning's MLP reparametrisation
+    # last_n
+    n_layers: int = 2
+    head: Optional[str] = None  # see freeze.freeze_layers
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"unknown method {self.name!r}; choose one of {METHODS}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        for name in ("targets", "layers_to_transform", "modules_to_save"):  # lists from JSON/YAML -> tuples
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            elif isinstance(value, (str, int)) and not isinstance(value, bool):
+                object.__setattr__(self, name, (value,))
+
+    @classmethod
+    def from_value(cls, value: Union["MethodConfig", dict, str]) -> "MethodConfig":
+        """A MethodConfig from itself, a dict of fields, or a bare method name."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        if isinstance(value, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"unknown method option(s) {unknown}; MethodConfig has {sorted(known)}")
+            return cls(**value)
+        raise TypeError(f"method_config must be a MethodConfig, a dict or a method name, got {type(value).__name__}")
+
+
+def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn.Module:
+    """Prepare `model` for fine-tuning with the named method; returns the model."""
+    config = MethodConfig.from_value(method_config)
+    name = config.name
+    if name == "full":
+        return full_finetuning(model)
+    if name == "frozen":
+        return frozen_baseline(model)
+    if name == "last_n":
+        return freeze_layers(model, last_n=config.n_layers, head=config.head)
+    if name == "bitfit":
+        return add_bitfit(model)
+    if name in ("lora", "qlora"):
+        if name == "qlora":
+            from .qlora import quantize_nf4
+
+            quantize_nf4(model, compute_dtype=COMPUTE_DTYPES[config.compute_dtype], double_quant=config.double_quant)
+        saved = list(config.modules_to_save or ())
+        if is_classifier(model) and "score" not in saved:
+            saved.append("score")
+        return add_lora(model, rank=config.rank, alpha=config.alpha, targets=list(config.targets),
+                        dropout=config.dropout, bias=config.bias, rslora=config.rslora, dora=config.dora,
+                        layers_to_transform=config.layers_to_transform, modules_to_save=saved or None)
+    if name == "prompt":
+        from .prompt import add_soft_prompt
+
+        return add_soft_prompt(model, n_tokens=config.n_tokens, init_text=config.init_text)
+    if name == "prefix":
+        from .prefix import add_prefix
+
+        return add_prefix(model, n_tokens=config.n_tokens, projection=config.projection)
+    from .ia3 import add_ia3
+
+    return add_ia3(model)

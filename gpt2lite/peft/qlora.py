@@ -1,0 +1,105 @@
+"""QLoRA's frozen base: linear layers whose weights are stored in 4-bit NF4 and dequantized on the fly.
+
+`quantize_nf4(model)` replaces the matching nn.Linear layers by `NF4Linear`; LoRA (gpt2lite.peft.add_lora)
+then wraps those as its base layers. The packed codes and constants are buffers, not parameters, so no
+optimizer can touch them; the bias stays a frozen float parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nf4 import NF4_BLOCK_SIZE, NF4Tensor, QuantizedAbsmax, dequantize_nf4_tensor, dynamic_map, nf4_codebook
+from .inject import find_targets, replace_modules
+from .nf4 import quantize_nf4_tensor
+
+DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with an NF4 weight (out_features, in_features): about 0.5 byte per weight.
+
+    forward(x) dequantizes the weight into `compute_dtype`, computes x W^T + b in that dtype and returns
+    the result in x's dtype.
+    """
+
+    def __init__(self, linear: nn.Linear, compute_dtype=torch.float32, double_quant: bool = True,
+                 block_size: int = NF4_BLOCK_SIZE):
+        super().__init__()
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.compute_dtype = compute_dtype
+        self.double_quant = double_quant
+        quantized = quantize_nf4_tensor(linear.weight, double_quant, block_size)
+        self.register_buffer("weight_packed", quantized.packed)
+        if double_quant:
+            self.register_buffer("absmax_codes", quantized.quantized_absmax.codes)
+            self.register_buffer("absmax_scale", quantized.quantized_absmax.scale)
+            self.register_buffer("absmax_offset", quantized.quantized_absmax.offset)
+        else:
+            self.register_buffer("absmax", quantized.absmax)
+        # the lookup tables travel with .to(device) but are rebuilt, not stored, in state_dict
+        self.register_buffer("codebook", nf4_codebook().to(linear.weight.device), persistent=False)
+        self.register_buffer("absmax_levels", dynamic_map().to(linear.weight.device), persistent=False)
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def quantized(self) -> NF4Tensor:
+        shape = torch.Size((self.out_features, self.in_features))
+        if self.double_quant:
+            absmax = QuantizedAbsmax(self.absmax_codes, self.absmax_scale, self.absmax_offset)
+            return NF4Tensor(self.weight_packed, None, absmax, shape)
+        return NF4Tensor(self.weight_packed, self.absmax, None, shape)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The weight (out_features, in_features) in `dtype` (default: compute_dtype)."""
+        return dequantize_nf4_tensor(self.quantized(), dtype or self.compute_dtype, self.codebook,
+                                     self.absmax_levels)
+
+    def forward(self, x):
+        weight = self.dequantize()  # (out, in) in compute_dtype
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+
+    def num_quantized_parameters(self) -> int:
+        """Weights held in the buffers, so that count_parameters includes them in the total."""
+        return self.in_features * self.out_features
+
+    def quantized_bytes(self) -> int:
+        """Bytes of the stored weight: packed codes plus block constants."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers(recurse=False)
+                   if buffer is not self.codebook and buffer is not self.absmax_levels)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, double_quant={self.double_quant}")
+
+
+def quantize_nf4(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, compute_dtype=torch.float32,
+                 double_quant: bool = True, block_size: int = NF4_BLOCK_SIZE) -> list[str]:
+    """Replace every nn.Linear whose name matches a pattern in `targets` ("c_attn", "attn.c_proj", ...,
+    matched as peft does: the whole name or a dotted suffix) by an NF4Linear. Returns the replaced names.
+
+    Call before add_lora. The LM head is refused: it shares its weight with the token embedding.
+    """
+    names = find_targets(model, targets)
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, NF4Linear):
+            raise ValueError(f"{name} is already quantized")
+        if name.endswith("lm_head"):
+            raise ValueError("lm_head is tied to transformer.wte and cannot be quantized; leave it out of targets")
+        if type(module) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear; quantize the model "
+                             "before adding adapters")
+        if module.weight.is_meta:
+            raise ValueError(f"{name} is on the meta device; load real weights before quantizing")
+    replace_modules(model, names, lambda name, linear: NF4Linear(linear, compute_dtype, double_quant, block_size))
+    return names
