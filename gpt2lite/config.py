@@ -79,7 +79,8 @@ class GPT2Config:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPT2Config":
-        """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (for tests)."""
+        """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (for tests), and those
+        other architectures register (gpt_neo.py: gpt-neo-125M, gpt-neo-tiny)."""
         key = name.split("/")[-1]  # "openai-community/gpt2-medium" -> "gpt2-medium"
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

@@ -105,6 +105,11 @@ def architecture(model_type: str) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
+def stores_transposed(model) -> bool:
+    """Whether transformers stores this model's linear weights as (in, out) (Conv1D): peft's fan_in_fan_out."""
+    return bool(architecture(model.config.model_type).transposed)
+
+
 def default_targets(model, method: str) -> tuple:
     """The module-name patterns `method` ("lora", "ia3", "ia3_feedforward", "quantize") adapts by default
     on this model's architecture: ("c_attn",) for GPT-2's LoRA, ("q_proj", "v_proj") for GPT-Neo's."""
@@ -311,6 +316,9 @@ def atomic_write(path: str, write: Callable[[str], None]):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

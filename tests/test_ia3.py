@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, count_parameters
-from gpt2lite.peft.ia3 import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS, add_ia3, ia3_layers, is_applied, load_peft
+from gpt2lite.hf import default_targets
+from gpt2lite.peft.ia3 import add_ia3, ia3_layers, is_applied, load_peft
 from gpt2lite.peft.ia3 import save_peft
 
 
@@ -36,8 +37,11 @@ def test_defaults_are_peft_defaults_for_gpt2():
     from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
                                       TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
 
-    assert sorted(DEFAULT_TARGETS) == sorted(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["gpt2"])
-    assert sorted(DEFAULT_FEEDFORWARD) == sorted(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["gpt2"])
+    with torch.device("meta"):
+        model = GPT2(GPT2Config.from_name("tiny"))
+    assert sorted(default_targets(model, "ia3")) == sorted(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["gpt2"])
+    assert (sorted(default_targets(model, "ia3_feedforward"))
+            == sorted(TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING["gpt2"]))
 
 
 def test_trainable_count_on_gpt2_124m_equals_peft():

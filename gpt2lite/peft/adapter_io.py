@@ -22,7 +22,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from ..hf import atomic_write
+from ..hf import atomic_write, stores_transposed
 from .freeze import is_classifier
 from .lora import LoRALinear, add_lora, lora_biases, lora_layers
 from .modules_to_save import modules_to_save_of
@@ -93,7 +93,7 @@ def lora_peft_config(model: nn.Module) -> dict:
         "use_dora": settings["dora"],
         "layers_to_transform": [layers] if isinstance(layers, int) else (None if layers is None else list(layers)),
         "modules_to_save": settings["modules_to_save"],
-        "fan_in_fan_out": True,  # transformers' GPT-2 uses Conv1D (weights stored (in, out))
+        "fan_in_fan_out": stores_transposed(model),  # GPT-2's Conv1D: (in, out) weights; GPT-Neo: Linear
         "init_lora_weights": True,
         "inference_mode": True,
     }

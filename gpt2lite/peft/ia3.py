@@ -17,12 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..hf import default_targets, stores_transposed
 from .freeze import classifier_head_parameters, train_only
 from .inject import as_patterns, find_targets, matches, replace_modules
 from .prompt import load_score_head, read_peft_tensors, score_head_tensors, task_type, write_peft_files
 
-DEFAULT_TARGETS = ("c_attn", "mlp.c_proj")
-DEFAULT_FEEDFORWARD = ("mlp.c_proj",)
 PEFT_PREFIX = "base_model.model."
 
 
@@ -56,11 +55,14 @@ class IA3Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {kind}"
 
 
-def add_ia3(model: nn.Module, targets: Union[str, Sequence[str]] = DEFAULT_TARGETS,
-            feedforward: Union[str, Sequence[str]] = DEFAULT_FEEDFORWARD) -> nn.Module:
+def add_ia3(model: nn.Module, targets: Optional[Union[str, Sequence[str]]] = None,
+            feedforward: Optional[Union[str, Sequence[str]]] = None) -> nn.Module:
     """Wrap the linear layers `targets` match (peft's suffix rule) in IA3Linear; freeze the rest (a
     classifier's score head still trains). Layers matched by `feedforward` scale their inputs, the
-    others their outputs; every feed-forward layer must also be a target, as peft requires."""
+    others their outputs; every feed-forward layer must also be a target, as peft requires. By default
+    both are the architecture's, as in peft (GPT-2: c_attn, mlp.c_proj; GPT-Neo: q_proj, v_proj, c_proj)."""
+    targets = default_targets(model, "ia3") if targets is None else targets
+    feedforward = default_targets(model, "ia3_feedforward") if feedforward is None else feedforward
     names = find_targets(model, targets)
     feedforward_patterns = as_patterns(feedforward, "feedforward") if feedforward else []
     feedforward_names = {n for n in names if any(matches(n, p) for p in feedforward_patterns)}
@@ -98,8 +100,8 @@ def save_peft(model: nn.Module, directory: str):
     feedforward = [n for n, m in layers.items() if m.feedforward]
     adapter_config = {
         "peft_type": "IA3", "task_type": task_type(model), "target_modules": list(layers),
-        "feedforward_modules": feedforward, "fan_in_fan_out": True, "init_ia3_weights": True,
-        "inference_mode": True, "base_model_name_or_path": None, "revision": None,
+        "feedforward_modules": feedforward, "fan_in_fan_out": stores_transposed(model),
+        "init_ia3_weights": True, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
         "modules_to_save": ["classifier", "score"] if classifier_head_parameters(model) else None,
         "exclude_modules": None, "auto_mapping": None,
     }

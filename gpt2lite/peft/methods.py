@@ -17,6 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..hf import default_targets
 from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning, is_classifier
 from .lora import add_lora
 
@@ -33,7 +34,7 @@ class MethodConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: Tuple[str, ...] = ("c_attn",)
+    targets: Optional[Tuple[str, ...]] = None  # None: the architecture's (GPT-2: c_attn; GPT-Neo: q_proj, v_proj)
     bias: str = "none"  # "none" | "all" | "lora_only"
     rslora: bool = False
     dora: bool = False
@@ -98,7 +99,8 @@ def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn
         saved = list(config.modules_to_save or ())
         if is_classifier(model) and "score" not in saved:
             saved.append("score")
-        return add_lora(model, rank=config.rank, alpha=config.alpha, targets=list(config.targets),
+        targets = list(config.targets) if config.targets else list(default_targets(model, "lora"))
+        return add_lora(model, rank=config.rank, alpha=config.alpha, targets=targets,
                         dropout=config.dropout, bias=config.bias, rslora=config.rslora, dora=config.dora,
                         layers_to_transform=config.layers_to_transform, modules_to_save=saved or None)
     if name == "prompt":

@@ -7,17 +7,17 @@ optimizer can touch them; the bias stays a frozen float parameter.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..hf import default_targets
 from .nf4 import NF4_BLOCK_SIZE, NF4Tensor, QuantizedAbsmax, dequantize_nf4_tensor, dynamic_map, nf4_codebook
 from .inject import find_targets, replace_modules
 from .nf4 import quantize_nf4_tensor
 
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -82,14 +82,15 @@ class NF4Linear(nn.Module):
                 f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, double_quant={self.double_quant}")
 
 
-def quantize_nf4(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS, compute_dtype=torch.float32,
+def quantize_nf4(model: nn.Module, targets: Optional[Sequence[str]] = None, compute_dtype=torch.float32,
                  double_quant: bool = True, block_size: int = NF4_BLOCK_SIZE) -> list[str]:
     """Replace every nn.Linear whose name matches a pattern in `targets` ("c_attn", "attn.c_proj", ...,
-    matched as peft does: the whole name or a dotted suffix) by an NF4Linear. Returns the replaced names.
+    matched as peft does: the whole name or a dotted suffix) by an NF4Linear; by default every linear layer
+    of the blocks (hf.default_targets(model, "quantize")). Returns the replaced names.
 
     Call before add_lora. The LM head is refused: it shares its weight with the token embedding.
     """
-    names = find_targets(model, targets)
+    names = find_targets(model, default_targets(model, "quantize") if targets is None else targets)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, NF4Linear):
