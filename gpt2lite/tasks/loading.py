@@ -1,0 +1,175 @@
+"""Loading tables of examples through the `datasets` library: hub names when online, local files always.
+
+Every failure that can be detected before training (an unreadable file, a missing column, an empty split)
+raises `DataError` with a message that names the problem and the fix, so that a run never dies mid-epoch
+on bad data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from urllib.parse import urlparse
+from typing import Dict, List, Optional, Sequence, Union
+
+logger = logging.getLogger(__name__)
+
+# file extension -> the `datasets` builder that reads it
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".txt": "text", ".raw": "text"}
+
+DataFiles = Union[str, Sequence[str], Dict[str, Union[str, Sequence[str]]]]
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message says what is wrong and how to fix it."""
+
+
+def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
+               data_files: Optional[DataFiles] = None, split: str = "train"):
+    """One split of a dataset as a `datasets.Dataset`.
+
+    dataset: a Hugging Face Hub name ("cnn_dailymail", "wikitext") with config_name ("3.0.0").
+    data_files: local .json/.jsonl/.csv/.tsv/.txt/.raw files instead: a path, a list of paths (all one
+    split), or {"train": ..., "validation": ...}. Text files give one row per line in a "text" column.
+    """
+    import datasets
+
+    if (dataset is None) == (data_files is None):
+        raise DataError("pass either a hub dataset name or data_files (local files), not both and not neither")
+    if data_files is not None:
+        return _load_local(data_files, split)
+    if not hub_reachable():
+        raise DataError(f"cannot load {dataset!r} from the Hugging Face Hub: it is unreachable (offline, or "
+                        "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set). Pass local files instead (data_files=... / "
+                        "--data-files), e.g. a JSONL file with one object per line.")
+    try:
+        table = datasets.load_dataset(dataset, config_name, split=split)
+    except Exception as error:  # no network, unknown name, unknown split: say what to do instead
+        raise DataError(
+            f"could not load {dataset!r}{f' ({config_name})' if config_name else ''} split {split!r} "
+            f"from the Hugging Face Hub: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+            "Without the network, pass local files instead (data_files=... / --data-files), e.g. a JSONL file "
+            "with one object per line."
+        ) from None
+    return require_rows(table, f"{dataset} split {split!r}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers within `timeout` seconds (False at once when an offline switch
+    is set). Checked before hub calls because `datasets` retries an unreachable hub for half a minute."""
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(switch, "0").lower() not in ("0", "", "false", "no"):
+            return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_local(data_files: DataFiles, split: str):
+    import datasets
+
+    if isinstance(data_files, dict):
+        if split not in data_files:
+            raise DataError(f"data_files has no {split!r} split; it has {sorted(data_files)}")
+        paths = data_files[split]
+    else:
+        paths = data_files
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise DataError(f"no files given for split {split!r}")
+    paths = [os.fspath(p) for p in paths]
+    formats = set()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"data file {path!r} does not exist")
+        extension = os.path.splitext(path)[1].lower()
+        if extension not in FILE_FORMATS:
+            raise DataError(f"cannot tell the format of {path!r}; use one of {sorted(FILE_FORMATS)}")
+        formats.add(FILE_FORMATS[extension])
+    if len(formats) > 1:
+        raise DataError(f"the files of one split must share a format, got {sorted(formats)} from {paths}")
+    builder = formats.pop()
+    if builder == "json":
+        for path in paths:
+            check_json_file(path)
+    keywords = {"delimiter": "\t"} if builder == "csv" and paths[0].lower().endswith(".tsv") else {}
+    try:
+        table = datasets.load_dataset(builder, data_files={"data": paths}, split="data", **keywords)
+    except Exception as error:
+        if "corresponds to no data" in str(error):  # how `datasets` says that the files hold no rows
+            raise DataError(f"the dataset {', '.join(paths)} has no rows") from None
+        raise DataError(f"could not read {paths} as {builder}: {type(error).__name__}: {error}") from None
+    return require_rows(table, ", ".join(paths))
+
+
+def check_json_file(path: str):
+    """Raise DataError naming the first line that is not valid JSON (JSON Lines), unless the whole file is
+    one valid JSON document (a list of objects, or an object of columns)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{path!r} is empty; it needs one JSON object per line (JSON Lines) or a JSON list")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path!r} line {number} is not valid JSON ({error.msg} at column {error.colno}): "
+                            f"{line[:80]!r}. Each line must be one JSON object, e.g. "
+                            '{"article": "...", "highlights": "..."}') from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path!r} line {number} is a JSON {type(value).__name__}, expected an object "
+                            "with one key per column")
+
+
+def require_rows(table, where: str):
+    """The table itself, or DataError when it has no rows."""
+    if len(table) == 0:
+        raise DataError(f"the dataset {where} has no rows")
+    return table
+
+
+def require_columns(table, columns: Sequence[str], where: str = "the dataset"):
+    """Raise DataError naming the columns that exist when one of `columns` is missing."""
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{where} has no column {', '.join(map(repr, missing))}; its columns are "
+                        f"{table.column_names}. Choose others (e.g. --source-column/--target-column).")
+
+
+def subset(table, data_fraction: float = 1.0, max_samples: Optional[int] = None, seed: int = 0):
+    """A reproducible random subset: the first data_fraction of a seeded shuffle, then at most max_samples."""
+    if not 0.0 < data_fraction <= 1.0:
+        raise DataError(f"data_fraction must be in (0, 1], got {data_fraction}")
+    if max_samples is not None and max_samples <= 0:
+        raise DataError(f"max_samples must be positive, got {max_samples}")
+    n = len(table)
+    keep = max(1, int(round(n * data_fraction)))
+    if max_samples is not None:
+        keep = min(keep, max_samples)
+    if keep == n:
+        return table
+    if isinstance(table, list):
+        import torch
+
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        return [table[i] for i in order[:keep]]
+    return table.shuffle(seed=seed).select(range(keep))
+
+
+def as_list(table, column: str) -> List:
+    """A column as a Python list (works for `datasets.Dataset` and for a list of dicts)."""
+    if isinstance(table, list):
+        return [row[column] for row in table]
+    return list(table[column])
