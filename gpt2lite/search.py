@@ -1,0 +1,89 @@
+"""Hyperparameter search with Optuna (an optional extra: pip install optuna, or gpt2lite[search]).
+
+    result = run_search(objective, n_trials=8, output_dir="runs/search")
+    # objective(params, trial_dir) -> validation loss; params holds lr, rank, alpha, dropout, epochs
+
+Each trial works in output_dir/trial_<n>/; output_dir/search.json records every trial and the best one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Callable, Dict, Optional
+
+from .hf import atomic_write
+
+logger = logging.getLogger(__name__)
+
+# name -> ("log" | "float", low, high) | ("int", low, high) | ("choice", [options])
+DEFAULT_SPACE = {
+    "lr": ("log", 1e-5, 3e-3),
+    "rank": ("choice", [4, 8, 16, 32]),
+    "alpha": ("choice", [8, 16, 32, 64]),
+    "dropout": ("float", 0.0, 0.2),
+    "epochs": ("int", 1, 3),
+}
+
+
+def require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ImportError("hyperparameter search needs Optuna, an optional extra: pip install optuna "
+                          "(or pip install 'gpt2lite[search]')") from None
+    return optuna
+
+
+def suggest(trial, space: Dict[str, tuple]) -> dict:
+    """One trial's parameters drawn from `space`."""
+    params = {}
+    for name, spec in space.items():
+        kind = spec[0]
+        if kind == "log":
+            params[name] = trial.suggest_float(name, spec[1], spec[2], log=True)
+        elif kind == "float":
+            params[name] = trial.suggest_float(name, spec[1], spec[2])
+        elif kind == "int":
+            params[name] = trial.suggest_int(name, spec[1], spec[2])
+        elif kind == "choice":
+            params[name] = trial.suggest_categorical(name, list(spec[1]))
+        else:
+            raise ValueError(f"search space entry {name!r}: unknown kind {kind!r} (log, float, int, choice)")
+    return params
+
+
+def run_search(objective: Callable[[dict, str], float], n_trials: int, output_dir: str,
+               space: Optional[Dict[str, tuple]] = None, seed: int = 0) -> dict:
+    """Minimise objective(params, trial_dir) over n_trials TPE trials (seeded); return and write
+    {"best_trial", "best_params", "best_value", "trials": [{"number", "params", "value", "state"}]}.
+
+    A trial whose objective raises an exception or returns a non-finite loss is recorded as failed and
+    the search goes on."""
+    optuna = require_optuna()
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    space = space or DEFAULT_SPACE
+    os.makedirs(output_dir, exist_ok=True)
+
+    def optuna_objective(trial):
+        params = suggest(trial, space)
+        trial_dir = os.path.join(output_dir, f"trial_{trial.number}")
+        value = objective(params, trial_dir)
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"trial {trial.number} gave no finite validation loss ({value})")
+        return value
+
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(optuna_objective, n_trials=n_trials, catch=(Exception,))
+    trials = [{"number": t.number, "params": t.params, "value": t.value, "state": t.state.name} for t in study.trials]
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not complete:
+        raise RuntimeError(f"all {n_trials} trials failed; see the log and {output_dir}/trial_<n>/")
+    best = study.best_trial
+    result = {"best_trial": best.number, "best_params": best.params, "best_value": best.value, "trials": trials}
+    atomic_write(os.path.join(output_dir, "search.json"), lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+    logger.info("search: best trial %d, val loss %.4f, params %s", best.number, best.value, best.params)
+    return result
