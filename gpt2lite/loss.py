@@ -1,19 +1,25 @@
-"""Losses computed only where they are needed.
+"""Losses computed only where they are needed, without ever holding the whole logits tensor.
 
 A language-modelling batch often carries labels on a few positions only (summarization: the summary
 tokens). The LM head (C -> 50,257) is the single largest matmul of GPT-2 small, so it runs only at the
-positions that carry a label, in chunks, instead of producing the whole (B, T, vocab) logits tensor.
+positions that carry a label. And it runs in chunks whose gradients are computed on the spot: for each
+chunk of positions the forward pass computes the logits, the summed cross-entropy, and - when a backward
+pass will follow - d(loss)/d(hidden) and d(loss)/d(head weight), then frees the logits. The (positions x
+vocab) logits never exist whole and are never stored for backward, which only scales the stored gradients.
+The matmuls are the same three as autograd's (logits, input gradient, weight gradient): no recomputation.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+CHUNK_SIZE = 256  # positions per chunk: chunk x 50,257 float32 logits = 51 MB
 
 
-def causal_lm_loss(hidden, labels, head, chunk_size: int = 2048):
+def causal_lm_loss(hidden, labels, head, chunk_size: int = CHUNK_SIZE):
     """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX.
 
     hidden: (B, T, C) final hidden states; labels: (B, T) token ids aligned with the inputs (position t is
@@ -21,6 +27,8 @@ def causal_lm_loss(hidden, labels, head, chunk_size: int = 2048):
     """
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX  # (B, T-1)
     selected = hidden[:, :-1][keep]  # (N, C)
@@ -29,8 +37,79 @@ def causal_lm_loss(hidden, labels, head, chunk_size: int = 2048):
     if n == 0:
         # no label in this batch: a zero that still depends on the parameters, so backward() works
         return hidden.sum() * 0.0
+    if type(head) is nn.Linear:
+        return linear_cross_entropy(selected, head.weight, head.bias, targets, chunk_size, scale=1.0 / n)
+    # any other head (an adapter around it): the same chunks through autograd, logits kept for backward
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         logits = head(selected[start:start + chunk_size]).float()  # (chunk, V)
         total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
     return total / n
+
+
+def linear_cross_entropy(hidden, weight, bias, targets, chunk_size: int = CHUNK_SIZE, scale: float = 1.0):
+    """scale * the summed cross-entropy of the logits hidden @ weight.T + bias against targets, by chunks.
+
+    hidden: (N, C); weight: (V, C); bias: (V,) or None; targets: (N,) in [0, V). Returns a float32 scalar
+    (scale = 1 / N gives the mean). The gradients are formed as autograd forms them for
+    scale * F.cross_entropy(reduction="sum"): exp(log_softmax) * scale, minus scale at the target.
+    Under autocast the matmuls run in the autocast dtype and the softmax in float32, as autograd would.
+    """
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size, dtype, scale)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward: summed cross-entropy, plus the gradients of hidden, weight and bias when they are needed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, dtype, scale):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        with torch.autocast(hidden.device.type, enabled=False):
+            compute_weight = weight.to(dtype)
+            compute_bias = None if bias is None else bias.to(dtype)
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.size(0), chunk_size):
+                chunk = hidden[start:start + chunk_size].to(dtype)  # (n, C)
+                chunk_targets = targets[start:start + chunk_size]  # (n,)
+                logits = F.linear(chunk, compute_weight, compute_bias).float()  # (n, V)
+                rows = torch.arange(chunk.size(0), device=chunk.device)
+                log_probs = torch.log_softmax(logits, dim=-1)  # (n, V)
+                del logits
+                total -= log_probs[rows, chunk_targets].sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                # d(scale * summed loss)/d(logits) = scale * softmax - scale * one_hot(target), in place
+                grad_logits = log_probs.exp_().mul_(scale)  # (n, V)
+                grad_logits[rows, chunk_targets] -= scale
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+                grad_logits = grad_logits.to(dtype)
+                if need_hidden:
+                    if dtype == hidden.dtype:
+                        torch.matmul(grad_logits, compute_weight, out=grad_hidden[start:start + chunk_size])
+                    else:
+                        grad_hidden[start:start + chunk_size] = grad_logits @ compute_weight  # (n, C)
+                if need_weight:
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.t(), chunk)  # (V, C)
+                    else:
+                        grad_weight += (grad_logits.t() @ chunk).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        if grad_bias is not None:
+            grad_bias = (grad_bias * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None

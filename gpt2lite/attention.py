@@ -1,0 +1,62 @@
+"""Attention with dropout for training on the CPU, keeping only what backward cannot cheaply recompute.
+
+With dropout on, PyTorch's CPU scaled_dot_product_attention takes its plain math path: it keeps the
+(B, nh, T, S) scores, probabilities and dropped probabilities for backward (about 40 MB per GPT-2 block at
+4 x 256 tokens, a third of the activation memory) and spends time guarding against fully masked rows. This
+function keeps q, k, v and the dropout mask as booleans (1 byte per score), and recomputes the
+probabilities in backward with one extra q @ k^T and softmax (about 2 % of the block's FLOPs). The
+arithmetic is the textbook one; the dropout mask is drawn as rand >= p (faster than bernoulli_ on the CPU),
+so it is a different draw from PyTorch's, from the same distribution. Rows must keep at least one key (causal attention and gpt2lite's padding masks do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def dropout_attention(q, k, v, mask, is_causal: bool, dropout: float, scale: float):
+    """softmax(q k^T * scale, masked) with dropout, @ v. q: (B, nh, T, hs); k, v: (B, nh, S, hs);
+    mask: None or bool (B or 1, 1, T, S), True = may attend; is_causal: the last T of S positions attend
+    causally. Returns (B, nh, T, hs)."""
+    if not 0.0 < dropout < 1.0:
+        raise ValueError(f"dropout_attention needs a dropout probability in (0, 1), got {dropout}")
+    return _DropoutAttention.apply(q, k, v, mask, is_causal, dropout, scale)
+
+
+def _scores(q, k, mask, is_causal: bool, scale: float):
+    """Masked, scaled scores (B, nh, T, S) in a fresh tensor."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)  # (B, nh, T, S)
+    if is_causal:
+        T, S = scores.shape[-2:]
+        future = torch.ones(T, S, dtype=torch.bool, device=scores.device).triu_(S - T + 1)  # (T, S)
+        scores.masked_fill_(future, float("-inf"))
+    elif mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores
+
+
+class _DropoutAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal, dropout, scale):
+        probs = torch.softmax(_scores(q, k, mask, is_causal, scale), dim=-1)  # (B, nh, T, S)
+        keep = torch.rand_like(probs) >= dropout  # (B, nh, T, S) bool: True with probability 1 - dropout
+        dropped = probs.mul_(keep).mul_(1.0 / (1.0 - dropout))
+        ctx.save_for_backward(q, k, v, mask, keep)
+        ctx.is_causal, ctx.dropout, ctx.scale = is_causal, dropout, scale
+        return torch.matmul(dropped, v)  # (B, nh, T, hs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask, keep = ctx.saved_tensors
+        inverse_keep = 1.0 / (1.0 - ctx.dropout)
+        probs = torch.softmax(_scores(q, k, mask, ctx.is_causal, ctx.scale), dim=-1)  # (B, nh, T, S)
+        dropped = probs * keep * inverse_keep
+        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)  # (B, nh, S, hs)
+        del dropped
+        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).mul_(keep).mul_(inverse_keep)  # (B, nh, T, S)
+        # softmax backward: d scores = p * (d p - sum(d p * p))
+        row_dot = (grad_probs * probs).sum(dim=-1, keepdim=True)  # (B, nh, T, 1)
+        grad_scores = grad_probs.sub_(row_dot).mul_(probs).mul_(ctx.scale)
+        grad_q = torch.matmul(grad_scores, k)  # (B, nh, T, hs)
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)  # (B, nh, S, hs)
+        return grad_q, grad_k, grad_v, None, None, None, None
