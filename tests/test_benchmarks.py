@@ -1,0 +1,79 @@
+"""Smoke test of benchmarks/run.py: the whole harness on the tiny preset, one step per mode, in-process.
+
+No timing is asserted (speed is measured, never tested). What is asserted: the JSON has every field the
+table needs, and with one shared transformers checkpoint and dropout off both stacks compute the same
+first-step loss in every mode (so they do the same work) and generate the same greedy tokens.
+"""
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        run = importlib.import_module("run")
+        out = tmp_path_factory.mktemp("bench")
+        run.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                  "--lm-seq-len", "32", "--summarization-seq-len", "96", "--prompt-len", "16", "--new-tokens", "4",
+                  "--generation-repeats", "1", "--matmul-size", "256", "--threads", "1", "--device", "cpu",
+                  "--same-weights", "--no-dropout", "--in-process", "--out", str(out), "--name", "smoke"])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert (out / "smoke.md").read_text().count("| lm |") == 5
+    return json.loads((out / "smoke.json").read_text())
+
+
+def test_json_has_every_configuration_and_field(results):
+    assert {"machine", "settings", "training", "generation", "matmul", "targets"} <= set(results)
+    assert results["matmul"]["peak_flops"] > 0
+    configurations = {(row["workload"], row["mode"]) for row in results["training"]}
+    assert configurations == {(w, m) for w in ("lm", "summarization")
+                              for m in ("full", "lora", "prompt", "last2", "qlora")}
+    for row in results["training"]:
+        stacks = ("gpt2lite",) if row["mode"] == "qlora" else ("gpt2lite", "reference")
+        assert ("reference" in row) == (row["mode"] != "qlora")
+        for stack in stacks:
+            side = row[stack]
+            for field in ("median_step_s", "tokens_per_s", "peak_rss_bytes", "achieved_flops", "peak_fraction",
+                          "losses", "trainable_parameters", "model_flops_per_step"):
+                assert side[field] is not None and side[field] == side[field], (stack, field)
+            assert side["tokens_per_step"] == 2 * row["seq_len"]
+        if row["mode"] != "qlora":
+            assert row["speed_ratio"] > 0 and row["memory_ratio"] > 0
+    assert {t["target"].split(" >=")[0].split(" <=")[0] for t in results["targets"]}
+
+
+def test_both_stacks_compute_the_same_first_step_loss(results):
+    for row in results["training"]:
+        if row["mode"] == "qlora":
+            continue  # no reference
+        lite, reference = row["gpt2lite"]["losses"][0], row["reference"]["losses"][0]
+        assert abs(lite - reference) <= 1e-5 * abs(reference), (row["workload"], row["mode"], lite, reference)
+
+
+def test_both_stacks_train_the_same_number_of_parameters(results):
+    for row in results["training"]:
+        if row["mode"] != "qlora":
+            assert row["gpt2lite"]["trainable_parameters"] == row["reference"]["trainable_parameters"], row["mode"]
+
+
+def test_summarization_labels_only_the_summary(results):
+    row = next(r for r in results["training"] if r["workload"] == "summarization")
+    lm_row = next(r for r in results["training"] if r["workload"] == "lm")
+    # every row keeps at least a quarter of its tokens for the article, which carries no label
+    assert 0 < row["gpt2lite"]["labelled_tokens_per_step"] <= row["gpt2lite"]["tokens_per_step"] * 3 // 4
+    assert lm_row["gpt2lite"]["labelled_tokens_per_step"] == 2 * (lm_row["seq_len"] - 1)
+
+
+def test_greedy_generation_gives_the_same_tokens(results):
+    generation = results["generation"]
+    assert generation["same_tokens"] is True
+    assert generation["gpt2lite"]["new_tokens"] == 2 * 4 and generation["speed_ratio"] > 0
