@@ -16,12 +16,7 @@ from train_helpers import collate_lm, ddp_config, lm_examples, tiny_model
 WORKER = Path(__file__).with_name("ddp_train_worker.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):

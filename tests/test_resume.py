@@ -19,12 +19,7 @@ from gpt2lite.train import TrainConfig, train
 from train_helpers import collate_lm, lm_examples, resume_config, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Crash(Exception):

@@ -13,13 +13,7 @@ from gpt2lite.train import TrainConfig, label_count, lr_factor, parameter_groups
 from train_helpers import collate_lm, lm_examples, pattern_examples, tiny_config, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by many processes: one intra-op thread is several times faster than oversubscribing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def config(tmp_path, **overrides):
