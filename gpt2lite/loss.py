@@ -37,9 +37,13 @@ def causal_lm_loss(hidden, labels, head, chunk_size: int = CHUNK_SIZE):
     if n == 0:
         # no label in this batch: a zero that still depends on the parameters, so backward() works
         return hidden.sum() * 0.0
-    if type(head) is nn.Linear:
+    device_type = hidden.device.type
+    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    if type(head) is nn.Linear and not fp16:
         return linear_cross_entropy(selected, head.weight, head.bias, targets, chunk_size, scale=1.0 / n)
-    # any other head (an adapter around it): the same chunks through autograd, logits kept for backward
+    # Any other head (an adapter around it), or float16 autocast: the same chunks through autograd, logits
+    # kept for backward. float16 must wait for backward: the logits' gradients (about 1 / (V * N) each) only
+    # fit float16's range once the GradScaler's factor has multiplied them, which happens in backward.
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         logits = head(selected[start:start + chunk_size]).float()  # (chunk, V)
