@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .config import PRESETS, GPT2Config
 from .hf import ARCHITECTURES, Architecture, CheckpointError, _first, _num_labels
-from .model import ATTENTION_CLASSES, CausalSelfAttention
+from .model import ATTENTION_CLASSES, CausalSelfAttention, linear
 
 MODEL_TYPE = "gpt_neo"
 
@@ -41,10 +41,10 @@ class GPTNeoSelfAttention(CausalSelfAttention):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
 
     def project_qkv(self, x):
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)  # each (B, T, C)
+        return linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)  # each (B, T, C)
 
     def project_out(self, y):
-        return self.resid_dropout(self.out_proj(y))
+        return self.resid_dropout(linear(self.out_proj, y))
 
 
 class GPTNeoAttention(nn.Module):

@@ -1,45 +1,90 @@
-"""gpt2lite.model.linear: decoding-step matmuls computed as W @ x^T give the nn.Linear results (to float32
-rounding) and the same greedy tokens; training and anything but a small decoding step take nn.Linear itself,
-bit for bit."""
+"""gpt2lite.linear: float32 CPU matmuls through oneDNN give F.linear's outputs and gradients (to float32
+rounding), the same greedy tokens and model losses; everything else is F.linear itself, bit for bit."""
 
 import pytest
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 
-import gpt2lite.model as model_module
 from gpt2lite import GPT2, GPT2Config, generate
-from gpt2lite.model import linear
+from gpt2lite.linear import linear, uses_onednn
+
+needs_onednn = pytest.mark.skipif(not uses_onednn(torch.zeros(1), torch.zeros(1)),
+                                  reason="this PyTorch has no oneDNN linear")
 
 
+def close(got, want, rtol=1e-5):
+    """Equal up to float32 rounding: oneDNN sums the products in another order than MKL."""
+    return torch.allclose(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+
+
+@needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(4, 1, 48), (1, 1, 48), (16, 1, 48)])
-def test_few_rows_without_grad_equal_nn_linear(bias, shape):
-    torch.manual_seed(0)
-    module = nn.Linear(48, 130, bias=bias)
-    x = torch.randn(*shape)
+@pytest.mark.parametrize("shape", [(4, 1, 48), (3, 7, 48), (5, 48)])
+@pytest.mark.parametrize("trainable", ["all", "input_only", "weight_only"])
+def test_outputs_and_gradients_equal_f_linear(bias, shape, trainable):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator)
+    weight = torch.randn(130, 48, generator=generator)
+    b = torch.randn(130, generator=generator) if bias else None
+    x.requires_grad_(trainable in ("all", "input_only"))
+    weight.requires_grad_(trainable in ("all", "weight_only"))
+    if b is not None:
+        b.requires_grad_(trainable == "all")
+    params = [t for t in (x, weight, b) if t is not None and t.requires_grad]
+    grad_out = torch.randn(*shape[:-1], 130, generator=generator)
+
+    results = []
+    for fn in (linear, F.linear):
+        out = fn(x, weight, b)
+        grads = torch.autograd.grad(out, params, grad_out)
+        results.append((out.detach(), grads))
+    (got, got_grads), (want, want_grads) = results
+    assert got.shape == want.shape and close(got, want), (got - want).abs().max()
+    for g, w in zip(got_grads, want_grads):
+        assert g.shape == w.shape and close(g, w), (g - w).abs().max()
+
+
+@needs_onednn
+def test_without_autograd_it_is_the_same_function():
+    generator = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(4, 1, 768, generator=generator), torch.randn(2304, 768, generator=generator)
     with torch.no_grad():
-        got, want = linear(module, x), module(x)
-    assert got.shape == want.shape and got.is_contiguous()
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+        got = linear(x, weight)
+    assert not got.requires_grad and close(got, F.linear(x, weight))
 
 
-def test_training_and_many_rows_use_nn_linear_exactly():
-    torch.manual_seed(1)
-    module = nn.Linear(16, 20)
-    few = torch.randn(2, 1, 16, requires_grad=True)
-    out = linear(module, few)  # grad enabled: nn.Linear itself, differentiable
-    assert torch.equal(out, module(few)) and out.requires_grad
-    with torch.no_grad():
-        for shape in [(3, 2, 16), (model_module.FEW_ROWS + 1, 1, 16), (4, 16)]:  # not a small decoding step
-            many = torch.randn(*shape)
-            assert torch.equal(linear(module, many), module(many))
+def test_other_cases_are_f_linear_bit_for_bit():
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 16, generator=generator)
+    weight, bias = torch.randn(20, 16, generator=generator), torch.randn(20, generator=generator)
+    with torch.backends.mkldnn.flags(enabled=False):  # the user's switch for oneDNN
+        assert not uses_onednn(x, weight)
+        assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+    assert not uses_onednn(x.double(), weight.double())
+    assert torch.equal(linear(x.double(), weight.double()), F.linear(x.double(), weight.double()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: F.linear
+        assert not uses_onednn(x, weight)
+        got = linear(x, weight, bias)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, F.linear(x, weight, bias))
 
 
-def test_greedy_generation_is_unchanged_by_the_decoding_matmuls(monkeypatch):
-    torch.manual_seed(2)
-    model = GPT2(GPT2Config.from_name("tiny")).eval()
-    prompts = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(3))
-    fast = generate(model, prompts, 12, eos_id=None)
-    monkeypatch.setattr(model_module, "FEW_ROWS", 0)  # every matmul through nn.Linear
-    plain = generate(model, prompts, 12, eos_id=None)
-    assert torch.equal(fast, plain)
+@needs_onednn
+def test_model_loss_gradients_and_greedy_tokens_are_unchanged():
+    """The whole model with and without oneDNN: loss and gradients to float32 rounding, same greedy tokens."""
+    torch.manual_seed(3)
+    model = GPT2(GPT2Config.from_name("tiny")).eval()  # no dropout: both runs see the same arithmetic
+    ids = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(4))
+    results = []
+    for enabled in (True, False):
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            model.zero_grad(set_to_none=True)
+            loss = model(ids, labels=ids)
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            tokens = generate(model, ids[:, :9], 12, eos_id=None)
+        results.append((loss.detach(), grads, tokens))
+    (loss, grads, tokens), (want_loss, want_grads, want_tokens) = results
+    assert torch.allclose(loss, want_loss, rtol=1e-6)
+    for got, want in zip(grads, want_grads):
+        assert close(got, want, rtol=1e-4), (got - want).abs().max()
+    assert torch.equal(tokens, want_tokens)

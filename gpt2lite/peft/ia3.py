@@ -15,8 +15,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..linear import linear
 from ..hf import default_targets, stores_transposed
 from .freeze import classifier_head_parameters, train_only
 from .inject import as_patterns, find_targets, matches, replace_modules
@@ -44,10 +44,10 @@ class IA3Linear(nn.Module):
 
     def forward(self, x):
         if not self.adapter_enabled:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         if self.feedforward:
-            return F.linear(x * self.ia3_l.to(x.dtype), self.weight, self.bias)
-        result = F.linear(x, self.weight, self.bias)
+            return linear(x * self.ia3_l.to(x.dtype), self.weight, self.bias)
+        result = linear(x, self.weight, self.bias)
         return result * self.ia3_l.to(result.dtype)
 
     def extra_repr(self):

@@ -20,8 +20,8 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..linear import linear
 from .freeze import train_only
 from .inject import as_patterns, find_targets, replace_modules
 from .modules_to_save import ModulesToSave, add_modules_to_save
@@ -80,7 +80,7 @@ class LoRALinear(nn.Module):
         return self.weight if self.base_layer is None else self.base_layer.dequantize()
 
     def base_forward(self, x):
-        return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+        return linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
 
     # --- LoRA ----------------------------------------------------------------------------------------
     def adapter_parameters(self) -> List[nn.Parameter]:
@@ -110,7 +110,7 @@ class LoRALinear(nn.Module):
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_without_bias = result if self.base_bias is None else result - self.base_bias
         else:
-            base_without_bias = F.linear(dropped, weight)
+            base_without_bias = linear(dropped, weight)
         return result + ((norm_scale - 1) * base_without_bias + norm_scale * lora).to(result.dtype)
 
     @torch.no_grad()

@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ..linear import linear
 from ..hf import default_targets
 from .nf4 import NF4_BLOCK_SIZE, NF4Tensor, QuantizedAbsmax, dequantize_nf4_tensor, dynamic_map, nf4_codebook
 from .inject import find_targets, replace_modules
@@ -66,7 +66,7 @@ class NF4Linear(nn.Module):
     def forward(self, x):
         weight = self.dequantize()  # (out, in) in compute_dtype
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+        return linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
 
     def num_quantized_parameters(self) -> int:
         """Weights held in the buffers, so that count_parameters includes them in the total."""
