@@ -3,10 +3,11 @@
 With dropout on, PyTorch's CPU scaled_dot_product_attention takes its plain math path: it keeps the
 (B, nh, T, S) scores, probabilities and dropped probabilities for backward (about 40 MB per GPT-2 block at
 4 x 256 tokens, a third of the activation memory) and spends time guarding against fully masked rows. This
-function keeps q, k, v and the dropout mask as booleans (1 byte per score), and recomputes the
+function keeps q, k, v, the output and the dropout mask as booleans (1 byte per score), and recomputes the
 probabilities in backward with one extra q @ k^T and softmax (about 2 % of the block's FLOPs). The
-arithmetic is the textbook one; the dropout mask is drawn as rand >= p (faster than bernoulli_ on the CPU),
-so it is a different draw from PyTorch's, from the same distribution. Rows must keep at least one key (causal attention and gpt2lite's padding masks do).
+arithmetic is the textbook one; the mask is applied with masked_fill (no boolean-to-float copies), and it
+is drawn as rand < p (faster than bernoulli_ on the CPU), so it is a different draw from PyTorch's, from
+the same distribution. Rows must keep at least one key (causal attention and gpt2lite's padding masks do).
 """
 
 from __future__ import annotations
@@ -39,23 +40,25 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, dropout, scale):
         probs = torch.softmax(_scores(q, k, mask, is_causal, scale), dim=-1)  # (B, nh, T, S)
-        keep = torch.rand_like(probs) >= dropout  # (B, nh, T, S) bool: True with probability 1 - dropout
-        dropped = probs.mul_(keep).mul_(1.0 / (1.0 - dropout))
-        ctx.save_for_backward(q, k, v, mask, keep)
+        drop = torch.rand_like(probs) < dropout  # (B, nh, T, S) bool: True with probability `dropout`
+        dropped = probs.masked_fill_(drop, 0.0).mul_(1.0 / (1.0 - dropout))
+        out = torch.matmul(dropped, v)  # (B, nh, T, hs)
+        ctx.save_for_backward(q, k, v, mask, drop, out)
         ctx.is_causal, ctx.dropout, ctx.scale = is_causal, dropout, scale
-        return torch.matmul(dropped, v)  # (B, nh, T, hs)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask, keep = ctx.saved_tensors
+        q, k, v, mask, drop, out = ctx.saved_tensors
         inverse_keep = 1.0 / (1.0 - ctx.dropout)
         probs = torch.softmax(_scores(q, k, mask, ctx.is_causal, ctx.scale), dim=-1)  # (B, nh, T, S)
-        dropped = probs * keep * inverse_keep
+        dropped = probs.masked_fill(drop, 0.0).mul_(inverse_keep)
         grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)  # (B, nh, S, hs)
         del dropped
-        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).mul_(keep).mul_(inverse_keep)  # (B, nh, T, S)
-        # softmax backward: d scores = p * (d p - sum(d p * p))
-        row_dot = (grad_probs * probs).sum(dim=-1, keepdim=True)  # (B, nh, T, 1)
+        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0).mul_(inverse_keep)
+        # softmax backward: d scores = p * (d p - sum_j(d p * p)); that row sum equals grad_out . out
+        # (out = dropped probabilities @ v), as in FlashAttention: (B, nh, T, hs) work instead of (B, nh, T, S)
+        row_dot = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, nh, T, 1)
         grad_scores = grad_probs.sub_(row_dot).mul_(probs).mul_(ctx.scale)
         grad_q = torch.matmul(grad_scores, k)  # (B, nh, T, hs)
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)  # (B, nh, S, hs)
