@@ -164,7 +164,8 @@ def main(argv=None) -> dict:
             common["weights_dir"] = str(weights_dir)
         matmul_spec = dict(common, task="matmul", size=args.matmul_size, repeats=10)
         matmul_runs = [run_child(matmul_spec, workdir, args.in_process)]
-        log(f"matmul {args.matmul_size}: {matmul_runs[0]['median_flops'] / 1e9:.1f} GFLOP/s")
+        log(f"matmul {args.matmul_size}: " + ", ".join(f"{name} {flops / 1e9:.1f}" for name, flops
+                                                     in matmul_runs[0]["by_kernel"].items()) + " GFLOP/s")
         for workload in args.workloads:
             seq_len = args.lm_seq_len if workload == "lm" else args.summarization_seq_len
             seq_len = min(seq_len, config.n_positions - 20)  # room for the soft prompt
@@ -244,9 +245,10 @@ def render(results: dict) -> str:
     lines = [f"Measured {machine['date']} on {machine['cpu']} ({machine['cores']} cores, "
              f"{results['settings']['threads']} threads), torch {machine['torch']}, "
              f"transformers {machine.get('transformers', '?')}, peft {machine.get('peft', '?')}, device {machine['device']}.",
-             f"Matmul peak ({matmul['runs'][0]['size']}^2, {matmul['runs'][0]['dtype']}): "
-             + ", ".join(f"{run['median_flops'] / 1e9:.1f}" for run in matmul["runs"])
-             + f" GFLOP/s at the start and end of the run; peak = {matmul['peak_flops'] / 1e9:.1f} GFLOP/s.", ""]
+             f"Matmul peak ({matmul['runs'][0]['size']}^2, {matmul['runs'][0]['dtype']}) at the start and end of the run: "
+             + "; ".join(", ".join(f"{name} {flops / 1e9:.1f}" for name, flops in run.get("by_kernel", {}).items())
+                         for run in matmul["runs"])
+             + f" GFLOP/s; peak = the best, {matmul['peak_flops'] / 1e9:.1f} GFLOP/s.", ""]
     if results["training"]:
         lines += [report.table(results["training"]), ""]
         if matmul.get("gpu_datasheet_peak_flops"):

@@ -12,12 +12,14 @@ Without the shared data (tests on a machine that lacks it) rows are random token
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 IGNORE_INDEX = -100
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the repository; GPT2LITE_BENCH_DATA points elsewhere (a GPU machine without ../shared).
+DATA_DIR = Path(os.environ.get("GPT2LITE_BENCH_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 SEPARATOR = "\nTL;DR:"
 
 
