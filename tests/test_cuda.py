@@ -42,6 +42,7 @@ from gpt2lite.peft.lora import lora_trainable_parameters  # noqa: E402
 from gpt2lite.peft.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa: E402
 from gpt2lite.train import TrainConfig, train  # noqa: E402
 from train_helpers import collate_lm, lm_examples, pattern_examples, resume_config, tiny_model  # noqa: E402
+from test_hf import batch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -106,17 +107,9 @@ def ours_lm(directory):
 
 
 def padded_batch(B, T, seed, padding=None, vocab=50000):
-    """Random ids (B, T) below the pad id and a mask (B, T) on DEVICE: row 0 full, row r padded with 3r
-    pad tokens on the left or the right."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    if padding is not None:
-        for row in range(1, B):
-            n_pad = min(T - 1, 3 * row)
-            pad = slice(0, n_pad) if padding == "left" else slice(T - n_pad, T)
-            mask[row, pad] = 0
-            ids[row, pad] = PAD
+    """test_hf's batch on DEVICE: random ids (B, T) below the pad id and a mask (B, T), row 0 full, row r
+    padded with 3r pad tokens on the left or the right."""
+    ids, mask = batch(B, T, seed, padding, vocab)
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
