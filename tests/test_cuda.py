@@ -43,6 +43,7 @@ from gpt2lite.peft.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa
 from gpt2lite.train import TrainConfig, train  # noqa: E402
 from train_helpers import collate_lm, lm_examples, pattern_examples, resume_config, tiny_model  # noqa: E402
 from test_hf import batch  # noqa: E402
+from test_resume import Crash, crash_at  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -348,18 +349,6 @@ def test_train_on_device_in_each_precision(tmp_path, precision):
                           collate_fn=collate_lm)["history"]["train"][0][1]
         assert losses[0] != reference  # autocast really ran
         assert abs(losses[0] - reference) < 0.05, (losses[0], reference)
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    """An on_log callback that kills the run when step `step` is logged (after its update, before any save)."""
-    def on_log(record):
-        if record["type"] == "train" and record["step"] == step:
-            raise Crash(f"simulated crash at step {step}")
-    return on_log
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
