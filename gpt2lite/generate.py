@@ -5,10 +5,57 @@ The prompt is run once (prefill); every later step feeds one token per sequence 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How `generate` picks tokens; every field is also a keyword argument of `generate` (and a CLI flag).
+
+    Field names and meanings follow transformers' GenerationConfig.
+    """
+
+    max_new_tokens: int = 64  # new tokens at most, after each prompt
+    min_new_tokens: int = 0  # eos (and stop strings) cannot end a sequence before this many new tokens
+    temperature: float = 0.0  # 0: greedy (or beam search); > 0: sample from softmax(logits / temperature)
+    top_k: Optional[int] = None  # sampling: keep the k most likely tokens
+    top_p: Optional[float] = None  # sampling: keep the smallest set of tokens holding top_p of the mass
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output (CTRL)
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size occurs twice in prompt + output
+    num_beams: int = 1  # > 1: beam search (deterministic; temperature must be 0)
+    length_penalty: float = 1.0  # beam search: a finished beam scores sum(log p) / length ** length_penalty
+    early_stopping: bool = False  # beam search: stop once num_beams finished hypotheses exist
+    stop_strings: Tuple[str, ...] = ()  # a sequence ends once its decoded output ends with one of these
+    eos_id: Optional[int] = 50256  # None: never stop at a token
+    pad_id: Optional[int] = None  # fills a finished sequence; default eos_id
+    seed: Optional[int] = None  # sampling: a seeded generator, for reproducible samples
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
+                             f"got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("beam search is deterministic: use temperature=0 with num_beams > 1")
+        if isinstance(self.stop_strings, str):
+            raise TypeError("stop_strings is a list of strings, e.g. ['\\n\\n'], not one string")
 
 
 class KVCache:
