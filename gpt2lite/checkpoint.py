@@ -13,18 +13,21 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 from dataclasses import asdict
 from typing import Dict
 
 import numpy as np
 import torch
 
-from .hf import CheckpointError, atomic_write
+from .hf import CheckpointError, atomic_write, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 # a resumed run must cut the data into the same batches and follow the same schedule as the first
 RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "shuffle", "epochs", "max_steps", "warmup_steps",
                      "schedule")
+# these may change on resume (a lower lr to continue more gently): the new values are used, and logged
+RESUME_MAY_CHANGE = ("lr", "betas", "weight_decay")
 
 
 def trainable_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -68,16 +71,22 @@ def load_trainable(model: torch.nn.Module, path: str):
 
 
 def rng_state() -> dict:
-    """The state of every random generator a training step draws from (dropout included)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every random generator a training step draws from (dropout included), as tensors and
+    plain containers, so that checkpoint.pt loads with torch.load(weights_only=True)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),  # (version, 625 ints, None)
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))  # weights_only loading may give lists for tuples
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -99,6 +108,8 @@ def save_checkpoint(path: str, model, optimizer, scheduler, scaler, state: dict,
 def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> dict:
     """Load a checkpoint into the model, optimizer, scheduler, scaler and RNGs; return the loop's state."""
     checkpoint = load_checkpoint(path)
+    if world.is_main:  # a run killed while saving left a temporary file beside its checkpoint
+        remove_stale_temporaries(os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path)
     for name in RESUME_MUST_MATCH:
         if checkpoint["config"][name] != getattr(config, name):
             raise CheckpointError(f"cannot resume: {name} was {checkpoint['config'][name]!r} in the checkpoint "
@@ -107,8 +118,7 @@ def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> dic
         raise CheckpointError(f"cannot resume a {checkpoint['world_size']}-process run with {world.world_size} "
                               "processes: the data would be split differently")
     load_trainable_state_dict(model, checkpoint["trainable"], source=path)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
+    load_optimizer_and_scheduler(optimizer, scheduler, checkpoint, config, source=path)
     scaler.load_state_dict(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"][world.rank])
     logger.info("resumed from %s at step %d (epoch %d)", path, checkpoint["state"]["step"],
@@ -116,14 +126,49 @@ def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> dic
     return checkpoint["state"]
 
 
+def load_optimizer_and_scheduler(optimizer, scheduler, checkpoint: dict, config, source: str):
+    """Load the optimizer's moments and the scheduler's position from `checkpoint`, but keep the lr, betas and
+    weight decay that `optimizer` and `scheduler` were built with from `config`: loading their states alone
+    would silently bring back the earlier run's values. The lr at the resumed step is then config.lr times
+    the schedule's factor at that step."""
+    chosen = [(group["initial_lr"], group["betas"], group["weight_decay"]) for group in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    for group, (lr, betas, weight_decay), lr_lambda in zip(optimizer.param_groups, chosen, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, betas=betas, weight_decay=weight_decay, lr=lr * lr_lambda(scheduler.last_epoch))
+    scheduler.base_lrs = [lr for lr, _, _ in chosen]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+    for name in RESUME_MAY_CHANGE:
+        before, now = (_plain(value) for value in (checkpoint["config"][name], getattr(config, name)))
+        if before != now:
+            logger.warning("resuming %s with %s=%r; it was %r in the run that wrote it", source, name, now, before)
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint.pt written by the training loop (on the CPU)."""
+    """Read a checkpoint.pt written by the training loop (on the CPU). It holds only tensors and plain
+    containers, so it is read with weights_only=True: a file that would run code when unpickled is refused."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}; pass the checkpoint.pt an earlier run wrote in its output_dir")
-    # weights_only=False: the state holds python/numpy RNG states (our own file, not an untrusted download)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "trainable" not in state or "state" not in state:
-        raise CheckpointError(f"{path} is not a gpt2lite training checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found is not None:
+            raise CheckpointError(
+                f"{path} holds a Python object that is not a tensor or a plain container ({found.group(1)}); "
+                "refused, because loading it could run code. A gpt2lite checkpoint.pt holds none: this file was "
+                "written by another program (or by a gpt2lite from before checkpoints were made safe to load, "
+                "which stored numpy arrays)") from None
+        # a cut-off zip archive, bytes that are no pickle at all ("invalid load key"), an empty file
+        raise CheckpointError(f"could not read {path} ({type(error).__name__}): the file is truncated or corrupted "
+                              "(a run killed while writing or copying it?); resume from another checkpoint") from None
+    if not isinstance(state, dict) or not {"trainable", "state", "config", "optimizer"} <= state.keys():
+        raise CheckpointError(f"{path} is not a gpt2lite training checkpoint (no trainable weights, optimizer "
+                              "and loop state); pass the checkpoint.pt that train() wrote in its output_dir")
     return state

@@ -8,10 +8,13 @@ are stored transposed (GPT-2's Conv1D) or are buffers to ignore.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -167,14 +170,21 @@ def read_config(directory: str) -> GPT2Config:
     if not os.path.exists(path):
         raise CheckpointError(f"{directory!r} has no config.json; is it a Hugging Face model directory?")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(d).__name__}, expected an object of config fields "
+                              '({"model_type": "gpt2", "n_embd": 768, ...})')
     try:
         return architecture(d.get("model_type", "gpt2")).config_from_hf(d)
+    except CheckpointError:
+        raise
     except KeyError as missing:
         raise CheckpointError(f"{path} lacks the field {missing}") from None
+    except (TypeError, ValueError) as error:  # GPT2Config's validation: a wrong type, n_embd % n_head, ...
+        raise CheckpointError(f"{path}: {error}") from None
 
 
 def _load_file(path: str) -> Dict[str, torch.Tensor]:
@@ -199,8 +209,7 @@ def read_state_dict(directory: str) -> Dict[str, torch.Tensor]:
             continue
         if not name.endswith(".index.json"):
             return _load_file(path)
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = _shards(path)
         state = {}
         for shard in shards:
             shard_path = os.path.join(directory, shard)
@@ -211,6 +220,21 @@ def read_state_dict(directory: str) -> Dict[str, torch.Tensor]:
     raise CheckpointError(
         f"{directory!r} holds no weights: expected one of {', '.join(WEIGHT_FILES)}"
     )
+
+
+def _shards(index_path: str) -> List[str]:
+    """The shard file names a sharded checkpoint's index (model.safetensors.index.json) lists."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{index_path} is not valid JSON ({error}); the file is probably truncated or "
+                              "corrupted: download or save the checkpoint again") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path} has no weight_map (an object from each weight name to its shard "
+                              "file); it is not a sharded checkpoint index: download or save the checkpoint again")
+    return sorted(set(weight_map.values()))
 
 
 def hf_to_gpt2lite(state: Dict[str, torch.Tensor], arch: Architecture) -> Dict[str, torch.Tensor]:
@@ -284,6 +308,10 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
                 f"{key}: the checkpoint has shape {tuple(state[key].shape)}, the model expects "
                 f"{tuple(tensor.shape)}; config.json and the weights disagree (a checkpoint of another size?)"
             )
+        if tensor.is_floating_point() and not state[key].is_floating_point():
+            raise CheckpointError(
+                f"{key} in {directory!r} holds {state[key].dtype} values, not floating-point weights; the "
+                "checkpoint is corrupted or not a model's weights (gpt2lite loads float32, float16 or bfloat16)")
     dtype = torch_dtype(dtype)
     state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in state.items()}
@@ -309,10 +337,15 @@ def gpt2lite_to_hf(model) -> Dict[str, torch.Tensor]:
 
 
 def atomic_write(path: str, write: Callable[[str], None]):
-    """Write through `write(tmp_path)` into a temporary file beside `path`, then rename it into place."""
+    """Write through `write(tmp_path)` into a temporary file beside `path`, then rename it into place.
+
+    A failure leaves `path` as it was and removes the temporary file; a full disk says so. Temporary files of
+    the same target left by a process killed mid-write are removed first.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temporary_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -320,10 +353,43 @@ def atomic_write(path: str, write: Callable[[str], None]):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        disk_full = isinstance(error, Exception) and _out_of_space(error, directory)  # before tmp frees space
         if os.path.exists(tmp):
             os.remove(tmp)
+        if disk_full:
+            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
+            raise OSError(errno.ENOSPC, f"the disk is full (no space left on the device) while writing {path}; "
+                                        f"{kept}. Free some space and save again", path) from error
         raise
+
+
+def _out_of_space(error: Exception, directory: str) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    # torch.save reports a full disk in its own words ("unexpected pos 704 vs 598"): look at the disk itself
+    try:
+        return shutil.disk_usage(directory).free < 2**20
+    except OSError:
+        return False
+
+
+def _temporary_prefix(path: str) -> str:
+    return "." + os.path.basename(path) + "."
+
+
+def remove_stale_temporaries(path: str):
+    """Delete the temporary files atomic_write left beside `path` when a process died while writing it."""
+    directory, prefix = os.path.dirname(os.path.abspath(path)), _temporary_prefix(path)
+    # mkstemp's random part is 8 letters, digits or underscores: no other target's temporaries match
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}\.tmp")
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if pattern.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                os.remove(os.path.join(directory, name))
+            logger.info("removed %s, left by an interrupted save of %s", name, path)
 
 
 def save_pretrained(model, directory: str):

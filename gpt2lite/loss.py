@@ -11,6 +11,8 @@ The matmuls are the same three as autograd's (logits, input gradient, weight gra
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +41,7 @@ def causal_lm_loss(hidden, labels, head, chunk_size: int = CHUNK_SIZE):
     if n == 0:
         # no label in this batch: a zero that still depends on the parameters, so backward() works
         return hidden.sum() * 0.0
+    check_targets(targets, labels, getattr(head, "out_features", None))
     device_type = hidden.device.type
     fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
     if type(head) is nn.Linear and not fp16:
@@ -51,6 +54,27 @@ def causal_lm_loss(hidden, labels, head, chunk_size: int = CHUNK_SIZE):
         logits = head(selected[start:start + chunk_size]).float()  # (chunk, V)
         total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
     return total / n
+
+
+def check_targets(targets, labels, vocab_size: Optional[int]):
+    """Raise ValueError naming the first label that is neither IGNORE_INDEX nor a token id in [0, vocab_size),
+    as F.cross_entropy would; the chunks' gather would instead read a wrong logit (-1: the last token's).
+
+    targets: (N,) the labels kept (not IGNORE_INDEX); labels: (B, T), to say where a bad one is. Costs one
+    min/max over N and one sync when the labels are fine.
+    """
+    if targets.is_meta:
+        return
+    low, high = torch.stack(targets.aminmax()).tolist()
+    if low >= 0 and (vocab_size is None or high < vocab_size):
+        return
+    shifted = labels[:, 1:]  # (B, T-1): position t + 1 of labels is predicted from hidden t
+    bad = (shifted != IGNORE_INDEX) & ((shifted < 0) | (shifted >= (vocab_size or high + 1)))
+    row, position = bad.nonzero()[0].tolist()
+    vocab = vocab_size if vocab_size is not None else "vocab_size"
+    raise ValueError(
+        f"label {int(shifted[row, position])} at row {row}, position {position + 1} is not a token id in "
+        f"[0, {vocab}) nor {IGNORE_INDEX} (no target there); mask prompts and padding with {IGNORE_INDEX}")
 
 
 def linear_cross_entropy(hidden, weight, bias, targets, chunk_size: int = CHUNK_SIZE, scale: float = 1.0):

@@ -215,8 +215,11 @@ class GPT2Model(nn.Module):
         return self.ln_f(x[:, T - n_real:])  # (B, n_real, C): a soft prompt's own outputs are dropped
 
     def _check_ids(self, input_ids):
-        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8, torch.int8):
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        # refused rather than converted: int8/int16/uint8 cannot hold GPT-2's 50,257 ids, so a cast to one
+        # of them may already have wrapped some of them into other valid ids
+        if input_ids.dtype not in (torch.long, torch.int):
+            raise TypeError(f"input_ids must be an integer tensor of dtype torch.long (or torch.int32), got "
+                            f"{input_ids.dtype}, which cannot hold every token id; use torch.long")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
         if input_ids.numel() and not input_ids.is_meta:

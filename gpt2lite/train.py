@@ -113,6 +113,24 @@ def label_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def require_label_tokens(dataset, name: str):
+    """Raise ValueError when no example of `dataset` has a label other than IGNORE_INDEX: training on it
+    would "succeed" with a loss of 0 and change nothing. Stops at the first example with a label, so a
+    usable dataset costs one lookup; examples without a "labels" entry (built by a collate_fn) pass."""
+    for i in range(len(dataset)):
+        example = dataset[i]
+        labels = example.get("labels") if isinstance(example, dict) else None
+        if labels is None:
+            return
+        if torch.is_tensor(labels) or isinstance(labels, np.ndarray):
+            labels = labels.tolist()
+        if not isinstance(labels, (list, tuple)) or any(label != IGNORE_INDEX for label in labels):
+            return
+    raise ValueError(f"the {name} set has no label tokens: every label of its {len(dataset)} examples is "
+                     f"{IGNORE_INDEX}, so there is nothing to learn from (a loss of 0). Check how the labels are "
+                     "built: a prompt mask that covers the whole text, targets truncated away by max_length?")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA max allocated memory on a GPU; the process's peak resident set size on the CPU."""
     if device.type == "cuda":
@@ -217,12 +235,16 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     on_log: called with every log record (train and eval) on rank 0; an exception raised there ends the run.
 
     Summary keys: steps, epochs_completed, stopped_by, best_train_loss (lowest logged loss),
-    final_train_loss, best_val_loss, best_step, wall_time_s, tokens_per_s, peak_memory_mb, checkpoint_mb
-    (size of the trainable-weights file), model_file, trainable_params, total_params, skipped_steps,
-    history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
+    final_train_loss (the last finite step loss) and final_train_loss_step (its step: earlier than `steps`
+    when the last steps were skipped for a NaN loss), best_val_loss, best_step, wall_time_s, tokens_per_s,
+    peak_memory_mb, checkpoint_mb (size of the trainable-weights file), model_file, trainable_params,
+    total_params, skipped_steps, history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
     """
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty: check the data files, columns and data_fraction/max_samples")
+    require_label_tokens(train_dataset, "training")
+    if eval_dataset is not None:
+        require_label_tokens(eval_dataset, "evaluation")
     if sampler is not None and not hasattr(sampler, "set_epoch"):
         raise TypeError("the sampler needs set_epoch(epoch) so that the data order is reproducible on resume")
     if config.patience is not None and eval_dataset is None:
@@ -438,11 +460,16 @@ def _finish(model, config, state, stopped_by, world, device, trainable_params, t
         if world.is_main:
             save_trainable(model, model_file)
     logged = [loss for _, loss in state["history"]["logged"] if math.isfinite(loss)]
-    train_losses = [loss for _, loss in state["history"]["train"] if math.isfinite(loss)]
+    # the last finite loss, with its step: after skipped (NaN) steps it is from before they began
+    final_step, final_loss = next(((step, loss) for step, loss in reversed(state["history"]["train"])
+                                   if math.isfinite(loss)), (None, None))
+    if final_step is not None and final_step < state["step"]:
+        logger.warning("the last %d step(s) had a non-finite loss; final_train_loss is from step %d",
+                       state["step"] - final_step, final_step)
     summary = {
         "steps": state["step"], "epochs_completed": state["epoch"], "stopped_by": stopped_by,
         "best_train_loss": min(logged) if logged else None,
-        "final_train_loss": train_losses[-1] if train_losses else None,
+        "final_train_loss": final_loss, "final_train_loss_step": final_step,
         "best_val_loss": state["best_val_loss"] if state["best_step"] is not None else None,
         "best_step": state["best_step"], "wall_time_s": state["elapsed_s"],
         "tokens_per_s": state["tokens"] / max(state["step_time_s"], 1e-9),

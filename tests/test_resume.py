@@ -3,6 +3,7 @@ losses step for step (dropout on, across an epoch boundary, with evaluation), fo
 an adapter-only (LoRA) checkpoint, which holds only the trainable tensors."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from gpt2lite import GPT2, GPT2Config
 from gpt2lite.checkpoint import load_checkpoint
 from gpt2lite.hf import CheckpointError
+from gpt2lite.optim import lr_factor
 from gpt2lite.train import TrainConfig, train
 from train_helpers import collate_lm, lm_examples, resume_config, tiny_model
 
@@ -149,7 +151,38 @@ def test_resume_after_a_real_sigkill(tmp_path):
 
 def test_resuming_a_finished_run_trains_no_further(tmp_path):
     data = lm_examples(10)
-    finished = train(tiny_model(0), data, resume_config(tmp_path / "a"), collate_fn=collate_lm)
-    again = train(tiny_model(0), data, resume_config(tmp_path / "a", resume_from=str(tmp_path / "a" / "checkpoint.pt")),
-                  collate_fn=collate_lm)
+    finished_model = tiny_model(0)
+    finished = train(finished_model, data, resume_config(tmp_path / "a"), collate_fn=collate_lm)
+    log = (tmp_path / "a" / "log.jsonl").read_text()
+    resumed_model, records = tiny_model(5), []  # other weights: all must come from the checkpoint
+    again = train(resumed_model, data, resume_config(tmp_path / "a", resume_from=str(tmp_path / "a" / "checkpoint.pt")),
+                  collate_fn=collate_lm, on_log=records.append)
     assert again["steps"] == finished["steps"] == 8
+    assert records == [] and (tmp_path / "a" / "log.jsonl").read_text() == log  # no step ran, none was logged
+    for (name, finished_p), resumed_p in zip(finished_model.named_parameters(), resumed_model.parameters()):
+        assert torch.equal(finished_p, resumed_p), name
+
+
+def test_resume_with_a_changed_lr_betas_and_weight_decay_uses_the_new_values(tmp_path, caplog):
+    """They used to be overwritten by the optimizer's and scheduler's saved states, silently."""
+    data, saved = lm_examples(10), {}
+
+    def keep_step_6_checkpoint(record):  # step 7's record comes after step 6's save
+        if record["type"] == "train" and record["step"] == 7:
+            saved.update(load_checkpoint(str(tmp_path / "checkpoint.pt")))
+
+    with pytest.raises(Crash):  # dies at step 5; the last checkpoint is from step 3
+        train(tiny_model(0), data, resume_config(tmp_path, weight_decay=0.01), collate_fn=collate_lm, on_log=crash_at(5))
+    changed = dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)
+    with caplog.at_level(logging.WARNING, logger="gpt2lite.checkpoint"):
+        train(tiny_model(0), data, resume_config(tmp_path, resume_from=str(tmp_path / "checkpoint.pt"), **changed),
+              collate_fn=collate_lm, on_log=keep_step_6_checkpoint)
+    logged = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if r["type"] == "train"}
+    for step, lr in logged.items():  # warmup 2 steps, then linear decay to 0 at step 8
+        assert lr == pytest.approx((3e-3 if step <= 3 else 1e-3) * lr_factor(step - 1, 2, 8, "linear")), step
+    decay, no_decay = saved["optimizer"]["param_groups"]  # what AdamW itself used
+    assert decay["lr"] == pytest.approx(1e-3 * lr_factor(6, 2, 8, "linear")) and decay["initial_lr"] == 1e-3
+    assert tuple(decay["betas"]) == tuple(no_decay["betas"]) == (0.8, 0.95)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    for name, before in [("lr", 0.003), ("betas", (0.9, 0.999)), ("weight_decay", 0.01)]:
+        assert f"with {name}={changed[name]!r}; it was {before!r} in the run that wrote it" in caplog.text

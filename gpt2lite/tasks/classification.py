@@ -8,6 +8,8 @@ Labels are checked when the examples are built, so a bad label stops the run bef
 from __future__ import annotations
 
 import logging
+import math
+import re
 from typing import List, Optional
 
 import numpy as np
@@ -50,12 +52,13 @@ def build_classification(table, tokenizer, text_column: str = "text", label_colu
 
 
 def check_labels(labels, num_labels: Optional[int] = None) -> List[int]:
-    """Labels as ints, or DataError naming the first row whose label is not an integer in [0, num_labels)."""
-    checked = []
-    for row, label in enumerate(labels):
-        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-            raise DataError(f"row {row}: label {label!r} is not an integer class id; map class names to 0..N-1")
-        checked.append(int(label))
+    """Labels as ints, or DataError naming the first row whose label is not an integer in [0, num_labels).
+
+    Whole numbers written as floats (3.0) or strings ("3") count: a CSV reader types a column as a whole, so
+    one empty cell makes every label a float (the empty one NaN) and one word makes every label a string;
+    the error then names that cell's row, not the first row.
+    """
+    checked = [_class_id(row, label) for row, label in enumerate(labels)]
     if not checked:
         raise DataError("the dataset has no labels")
     if num_labels is None:
@@ -65,6 +68,18 @@ def check_labels(labels, num_labels: Optional[int] = None) -> List[int]:
             raise DataError(f"row {row}: label {label} is out of range; labels must be in [0, {num_labels}) "
                             f"(num_labels={num_labels})")
     return checked
+
+
+def _class_id(row: int, label) -> int:
+    if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+        return int(label)
+    if label is None or (isinstance(label, (float, np.floating)) and math.isnan(label)) or label == "":
+        raise DataError(f"row {row}: the label is empty; every example needs an integer class id")
+    if isinstance(label, (float, np.floating)) and float(label).is_integer():
+        return int(label)
+    if isinstance(label, str) and re.fullmatch(r"\s*-?\d+\s*", label):
+        return int(label)
+    raise DataError(f"row {row}: label {label!r} is not an integer class id; map class names to 0..N-1")
 
 
 @torch.no_grad()

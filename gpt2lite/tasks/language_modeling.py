@@ -27,9 +27,14 @@ from .loading import DataError
 def tokenize_stream(texts: Sequence[str], tokenizer, separator: str = "") -> List[int]:
     """All texts as one stream of token ids, joined by `separator` (WikiText rows keep their own newlines;
     use "\\n\\n" to join rows without one, as the HF perplexity guide does)."""
-    texts = [t for t in texts if isinstance(t, str)]
+    texts = list(texts)
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise DataError(f"row {row} of the text is {str(text)[:40]!r} of type {type(text).__name__}, not a string; "
+                            "every row of a language-modelling text column must be text (check the column or "
+                            "the file: a JSON number or null, a list?)")
     if not texts:
-        raise DataError("no text to tokenize: the dataset is empty or its text column holds no strings")
+        raise DataError("no text to tokenize: the dataset is empty")
     ids = tokenizer.encode(separator.join(texts), allow_special=False)
     if len(ids) < 2:
         raise DataError(f"the text has {len(ids)} token(s); language modelling needs at least 2")

@@ -7,6 +7,7 @@ on bad data.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 # file extension -> the `datasets` builder that reads it
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".txt": "text", ".raw": "text"}
+EXPECTED_CONTENT = {"json": "one JSON object per line (JSON Lines) or a JSON list of objects",
+                    "csv": "a header line naming its columns, then one row per line",
+                    "text": "one example (or one line of a corpus) per line"}
 
 DataFiles = Union[str, Sequence[str], Dict[str, Union[str, Sequence[str]]]]
 
@@ -90,6 +94,10 @@ def _load_local(data_files: DataFiles, split: str):
         extension = os.path.splitext(path)[1].lower()
         if extension not in FILE_FORMATS:
             raise DataError(f"cannot tell the format of {path!r}; use one of {sorted(FILE_FORMATS)}")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path!r} is empty (0 bytes); a {extension[1:]} file needs "
+                            f"{EXPECTED_CONTENT[FILE_FORMATS[extension]]}")
+        check_utf8(path)
         formats.add(FILE_FORMATS[extension])
     if len(formats) > 1:
         raise DataError(f"the files of one split must share a format, got {sorted(formats)} from {paths}")
@@ -105,6 +113,26 @@ def _load_local(data_files: DataFiles, split: str):
             raise DataError(f"the dataset {', '.join(paths)} has no rows") from None
         raise DataError(f"could not read {paths} as {builder}: {type(error).__name__}: {error}") from None
     return require_rows(table, ", ".join(paths))
+
+
+def check_utf8(path: str, block_size: int = 2**22):
+    """Raise DataError naming the file, line and byte where it stops being UTF-8 (read by 4 MB blocks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1  # of the block's first byte
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(block_size)
+            pending = decoder.getstate()[0]  # the previous block's last bytes: a character cut in two
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:  # error.start counts from the first pending byte
+                data, bad = pending + block, error.start
+                line += data[:bad].count(b"\n")
+                raise DataError(f"{path!r} is not UTF-8 text: byte {offset - len(pending) + bad} (line {line}) is "
+                                f"{data[bad:bad + 1]!r}. Save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not block:
+                return
+            offset, line = offset + len(block), line + block.count(b"\n")
 
 
 def check_json_file(path: str):
