@@ -36,8 +36,8 @@ def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
     data_files: local .json/.jsonl/.csv/.tsv/.txt/.raw files instead: a path, a list of paths (all one
     split), or {"train": ..., "validation": ...}. Text files give one row per line in a "text" column.
     max_rows: keep only the split's first max_rows rows. From the hub they are streamed, so only the data
-    files (and parts of files) that hold them are downloaded: 2,000 CNN/DailyMail articles cost a few MB,
-    not the whole 1.3 GB of its parquet files.
+    files (and parts of files) that hold them are downloaded, not the whole split (2,000 CNN/DailyMail
+    articles come from its first train file of three).
     """
     import datasets
 
