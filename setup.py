@@ -23,8 +23,15 @@ setup(
     ],
     extras_require={
         # transformers and peft are reference oracles for the tests, never imported by the library
-        "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2"],
+        "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2", "nbclient>=0.10", "nbformat>=5.9",
+                 "ipykernel>=6.29", "tensorboard>=2.16"],
         "search": ["optuna>=3"],
         "plot": ["matplotlib>=3.7"],
+        # notebooks/: a Jupyter kernel, and ipywidgets for the progress-bar widget (text bar without it)
+        "notebook": ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "ipywidgets>=8", "matplotlib>=3.7"],
+        # TrainConfig(report_to=[...]) backends ("csv" needs nothing)
+        "tensorboard": ["tensorboard>=2.16"],
+        "wandb": ["wandb>=0.17"],
+        "mlflow": ["mlflow>=2.12"],
     },
 )

@@ -126,8 +126,14 @@ def default_targets(model, method: str) -> tuple:
 # ---------------------------------------------------------------------------------------------- locating
 
 
-def resolve(name_or_path: str) -> str:
-    """A local directory holding config.json and weights; hub ids are downloaded into the HF cache."""
+MODEL_PATTERNS = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
+LOCAL_MODEL_HINT = ("GPT2.from_pretrained('/path/to/dir'), where the directory holds config.json and "
+                    "model.safetensors (or pytorch_model.bin), e.g. one written by save_pretrained()")
+
+
+def resolve(name_or_path: str, allow_patterns=MODEL_PATTERNS, local_hint: str = LOCAL_MODEL_HINT) -> str:
+    """A local directory as it is; a hub id downloaded (the files matching allow_patterns) into the HF cache.
+    local_hint: how to do without the network, for the error raised when the download fails."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
@@ -140,16 +146,14 @@ def resolve(name_or_path: str) -> str:
 
         return snapshot_download(
             repo_id=name_or_path,
-            allow_patterns=["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+            allow_patterns=list(allow_patterns),
         )
     except Exception as error:  # offline, unknown repo, no network: say what to do instead
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise CheckpointError(
             f"could not get {name_or_path!r} from the Hugging Face Hub"
             f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(error).__name__}: {error}\n"
-            "To load weights without the network, pass a local directory instead: "
-            "GPT2.from_pretrained('/path/to/dir'), where the directory holds config.json and "
-            "model.safetensors (or pytorch_model.bin), e.g. one written by save_pretrained()."
+            f"To load weights without the network, pass a local directory instead: {local_hint}."
         ) from None
 
 

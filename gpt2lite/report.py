@@ -178,12 +178,12 @@ def _jsonable(row: dict) -> dict:
 
 def plot_losses(histories: Dict[str, dict], output_dir: str, random_init: bool = False) -> Dict[str, str]:
     """PNG plots: train_loss.png and val_loss.png (one line per method) and loss_<method>.png (train and
-    val of one method). histories: {method: {"train": [[step, loss], ...], "val": [[step, loss], ...]}}."""
-    try:
-        import matplotlib
+    val of one method). histories: {method: {"train": [[step, loss], ...], "val": [[step, loss], ...]}}.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    The figures are matplotlib.figure.Figure objects drawn without pyplot, so that plotting from a notebook
+    never switches the session's backend (inline plots keep working) and no figure is left open."""
+    try:
+        import matplotlib  # noqa: F401
     except ImportError:
         logger.warning("matplotlib is not installed: no loss plots (pip install matplotlib, or gpt2lite[plot])")
         return {}
@@ -191,35 +191,37 @@ def plot_losses(histories: Dict[str, dict], output_dir: str, random_init: bool =
     paths = {}
     for kind in ("train", "val"):
         curves = {m: h[kind] for m, h in histories.items() if h.get(kind)}
-        if not curves:
-            continue
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        for method, points in curves.items():
-            steps, losses = zip(*points)
-            axes.plot(steps, losses, marker="o" if len(points) < 30 else None, label=method)
-        _label(axes, f"{kind} loss per method{suffix}")
-        paths[f"{kind}_plot"] = _save(figure, os.path.join(output_dir, f"{kind}_loss.png"), plt)
+        if curves:
+            figure = loss_figure(curves, f"{kind} loss per method{suffix}")
+            paths[f"{kind}_plot"] = _save(figure, os.path.join(output_dir, f"{kind}_loss.png"))
     for method, history in histories.items():
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        for kind in ("train", "val"):
-            if history.get(kind):
-                steps, losses = zip(*history[kind])
-                axes.plot(steps, losses, marker="o" if len(steps) < 30 else None, label=kind)
-        _label(axes, f"{method}: train and val loss{suffix}")
+        curves = {kind: history[kind] for kind in ("train", "val") if history.get(kind)}
+        figure = loss_figure(curves, f"{method}: train and val loss{suffix}")
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", method)
-        paths[f"plot_{slug}"] = _save(figure, os.path.join(output_dir, f"loss_{slug}.png"), plt)
+        paths[f"plot_{slug}"] = _save(figure, os.path.join(output_dir, f"loss_{slug}.png"))
     return paths
 
 
-def _label(axes, title: str):
+def loss_figure(curves: Dict[str, Sequence], title: str = "loss"):
+    """A matplotlib Figure with one line per curve. curves: {label: [[step, loss], ...]} (e.g. a train()
+    summary's history). In a notebook, display(figure) shows it inline; figure.savefig(path) writes it."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    for label, points in curves.items():
+        if not points:
+            continue
+        steps, losses = zip(*points)
+        axes.plot(steps, losses, marker="o" if len(points) < 30 else None, label=label)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss (mean per target token)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
+    return figure
 
 
-def _save(figure, path: str, plt) -> str:
+def _save(figure, path: str) -> str:
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(figure)
     return path

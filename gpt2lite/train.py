@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, loggers
 from .checkpoint import load_trainable, resume, save_checkpoint, save_trainable
 from .hf import atomic_write
 from .loss import IGNORE_INDEX
@@ -77,7 +77,8 @@ class TrainConfig:
     resume_from: Optional[str] = None  # a checkpoint.pt (or its directory) written by an earlier run
     # logging and failure handling
     log_every: int = 1  # one JSONL record per N steps (the loss is the token mean over those steps)
-    progress_bar: bool = True  # tqdm, shown on rank 0 when stderr is a terminal
+    progress_bar: bool = True  # tqdm on rank 0: a widget in Jupyter, text on stderr elsewhere (a file too)
+    report_to: tuple = ()  # live logging of each record on rank 0: "tensorboard", "csv", "wandb", "mlflow"
     nan_policy: str = "stop"  # on a NaN/inf loss: "stop" raises FloatingPointError; "skip" skips the update
 
     def __post_init__(self):
@@ -96,6 +97,7 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        object.__setattr__(self, "report_to", loggers.check_names(self.report_to))
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.epochs is None and self.max_steps is None and self.time_budget_s is None:
@@ -232,7 +234,12 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     sampler: optional index sampler over train_dataset (e.g. tasks.LengthGroupedSampler) with
         set_epoch(epoch), its order a function of the epoch (needed for exact resume). Default: a shuffle
         seeded by config.seed + epoch. Under torchrun each rank takes every world_size-th index.
-    on_log: called with every log record (train and eval) on rank 0; an exception raised there ends the run.
+    on_log: called on rank 0 with every record written to log.jsonl, as a dict: a train record
+        {"type": "train", "step", "epoch", "loss" (token mean since the last record), "lr", "grad_norm",
+        "tokens_per_s", "elapsed_s", "memory_mb"} every log_every steps, an eval record {"type": "eval",
+        "step", "epoch", "val_loss", "best_val_loss"} after each evaluation. Use it to feed your own tracker
+        or to stop the run: an exception raised there ends it. config.report_to sends the same records to
+        TensorBoard, a CSV file, W&B or MLflow (see gpt2lite.loggers).
 
     Summary keys: steps, epochs_completed, stopped_by, best_train_loss (lowest logged loss),
     final_train_loss (the last finite step loss) and final_train_loss_step (its step: earlier than `steps`
@@ -292,11 +299,14 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
         state = resume(config.resume_from, config, world, model, optimizer, scheduler, scaler)
     if world.is_main:
         _truncate_log(log_path, state["step"])
+    reporters = loggers.open_loggers(config.report_to, config, state["step"]) if world.is_main else []
 
     def log(record):
         if world.is_main:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for reporter in reporters:
+                reporter.log(record)
             if on_log is not None:
                 on_log(record)
 
@@ -319,8 +329,8 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
              "best_val_loss": state["best_val_loss"]})
 
     progress = None
-    if config.progress_bar and world.is_main and sys.stderr.isatty():
-        from tqdm.auto import tqdm
+    if config.progress_bar and world.is_main:
+        from tqdm.auto import tqdm  # the notebook widget inside Jupyter (whose stderr is no terminal)
 
         progress = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
     loader_generator = torch.Generator().manual_seed(config.seed)  # keeps DataLoader off the global RNG
@@ -385,6 +395,8 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
                 save()
     if progress is not None:
         progress.close()
+    for reporter in reporters:
+        reporter.close()
     return _finish(model, config, state, stopped_by, world, device, trainable_params, total_params, best_path)
 
 

@@ -1,6 +1,7 @@
 """Run by tests/test_ddp.py under `python -m torch.distributed.run --nproc_per_node 2`: trains the tiny model
 for 2 steps with gloo DDP and saves the first step's gradients, each rank's last gradients and the summary to the directory in argv[1]."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,8 @@ def main(output_dir):
         if record["type"] == "train" and record["step"] == 1:
             torch.save({n: p.grad.clone() for n, p in model.named_parameters()}, os.path.join(output_dir, "grads_step1.pt"))
 
-    summary = train(model, lm_examples(8), ddp_config(output_dir, batch_size=2, grad_accum=2),
+    config = dataclasses.replace(ddp_config(output_dir, batch_size=2, grad_accum=2), report_to=("csv",))
+    summary = train(model, lm_examples(8), config,
                     eval_dataset=lm_examples(3, seed=1), collate_fn=collate_lm, on_log=save_first_step_gradients)
     rank = dist.get_rank()
     torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(output_dir, f"grads_rank{rank}.pt"))

@@ -54,3 +54,6 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     # only rank 0 logged: one record per step and evaluation
     records = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
     assert [(r["type"], r["step"]) for r in records] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
+    with open(tmp_path / "ddp" / "log.csv") as f:  # report_to=("csv",): the live log too, rank 0 alone
+        assert [line.split(",")[:2] for line in f.read().splitlines()[1:]] == [
+            ["train", "1"], ["eval", "1"], ["train", "2"], ["eval", "2"]]

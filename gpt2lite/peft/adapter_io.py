@@ -22,7 +22,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from ..hf import atomic_write, stores_transposed
+from ..hf import atomic_write, resolve, stores_transposed
 from .freeze import is_classifier
 from .lora import LoRALinear, add_lora, lora_biases, lora_layers
 from .modules_to_save import modules_to_save_of
@@ -58,7 +58,10 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
 
     A LoRA adapter is injected first if the model has none; if it has one, its rank must match.
     Raises ValueError for an adapter made for another base size, rank or method.
+    directory: a local directory, or a hub id ("user/adapter"), downloaded into the Hugging Face cache.
     """
+    directory = resolve(directory, allow_patterns=(CONFIG_FILE, WEIGHTS_FILE),
+                        local_hint="load_adapter(model, '/path/to/dir'), a directory written by save_adapter()")
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory!r} has no {CONFIG_FILE}; is it an adapter directory?")

@@ -11,8 +11,6 @@ import codecs
 import json
 import logging
 import os
-import socket
-from urllib.parse import urlparse
 from typing import Dict, List, Optional, Sequence, Union
 
 logger = logging.getLogger(__name__)
@@ -23,6 +21,9 @@ EXPECTED_CONTENT = {"json": "one JSON object per line (JSON Lines) or a JSON lis
                     "csv": "a header line naming its columns, then one row per line",
                     "text": "one example (or one line of a corpus) per line"}
 
+# Hub datasets that moved under an owner; huggingface_hub >= 1.0 no longer resolves the old single-segment ids
+CANONICAL_DATASETS = {"cnn_dailymail": "abisee/cnn_dailymail", "wikitext": "Salesforce/wikitext"}
+
 DataFiles = Union[str, Sequence[str], Dict[str, Union[str, Sequence[str]]]]
 
 
@@ -31,25 +32,37 @@ class DataError(ValueError):
 
 
 def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
-               data_files: Optional[DataFiles] = None, split: str = "train"):
+               data_files: Optional[DataFiles] = None, split: str = "train", max_rows: Optional[int] = None):
     """One split of a dataset as a `datasets.Dataset`.
 
-    dataset: a Hugging Face Hub name ("cnn_dailymail", "wikitext") with config_name ("3.0.0").
+    dataset: a Hugging Face Hub name ("abisee/cnn_dailymail") with config_name ("3.0.0"); the old names of
+    CANONICAL_DATASETS ("cnn_dailymail", "wikitext") are read from their repos' new ids.
     data_files: local .json/.jsonl/.csv/.tsv/.txt/.raw files instead: a path, a list of paths (all one
     split), or {"train": ..., "validation": ...}. Text files give one row per line in a "text" column.
+    max_rows: keep only the split's first max_rows rows. From the hub they are streamed, so only the data
+    files (and parts of files) that hold them are downloaded, not the whole split (2,000 CNN/DailyMail
+    articles come from its first train file of three).
     """
     import datasets
 
     if (dataset is None) == (data_files is None):
         raise DataError("pass either a hub dataset name or data_files (local files), not both and not neither")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise DataError(f"max_rows must be a positive integer or None, got {max_rows!r}")
     if data_files is not None:
-        return _load_local(data_files, split)
+        table = _load_local(data_files, split)
+        return table.select(range(max_rows)) if max_rows is not None and max_rows < len(table) else table
     if not hub_reachable():
         raise DataError(f"cannot load {dataset!r} from the Hugging Face Hub: it is unreachable (offline, or "
                         "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set). Pass local files instead (data_files=... / "
                         "--data-files), e.g. a JSONL file with one object per line.")
     try:
-        table = datasets.load_dataset(dataset, config_name, split=split)
+        repo_id = CANONICAL_DATASETS.get(dataset, dataset)
+        if max_rows is None:
+            table = datasets.load_dataset(repo_id, config_name, split=split)
+        else:
+            stream = datasets.load_dataset(repo_id, config_name, split=split, streaming=True)
+            table = datasets.Dataset.from_list(list(stream.take(max_rows)))
     except Exception as error:  # no network, unknown name, unknown split: say what to do instead
         raise DataError(
             f"could not load {dataset!r}{f' ({config_name})' if config_name else ''} split {split!r} "
@@ -61,17 +74,24 @@ def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers within `timeout` seconds (False at once when an offline switch
-    is set). Checked before hub calls because `datasets` retries an unreachable hub for half a minute."""
+    """Whether the Hugging Face Hub (HF_ENDPOINT) answers within `timeout` seconds; False at once when an
+    offline switch is set. Checked before hub calls because `datasets` retries an unreachable hub for half a
+    minute. The question goes through huggingface_hub's own HTTP session, as the downloads will: through
+    the proxy that HTTPS_PROXY / HTTP_PROXY name, with its offline mode. Any HTTP answer counts as reachable;
+    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable."""
     for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(switch, "0").lower() not in ("0", "", "false", "no"):
             return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
     try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # httpx2/httpx/requests errors by huggingface_hub version, or OfflineModeIsEnabled
+        logger.info("the Hugging Face Hub at %s is unreachable: %s: %s", constants.ENDPOINT, type(error).__name__,
+                    error)
         return False
+    return True
 
 
 def _load_local(data_files: DataFiles, split: str):
