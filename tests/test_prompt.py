@@ -215,7 +215,7 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
     add_soft_prompt(ours, N_TOKENS)
     assert count_parameters(ours)[0] == N_TOKENS * 64 + 20 * 64  # the new score head trains too, as in peft
     with torch.no_grad():
-        ours.score.weight.normal_()  # a "trained" head
+        ours.score.modules_to_save.weight.normal_()  # a "trained" head (the trainable copy, as in peft)
     save_peft(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(
         transformers.GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)), str(tmp_path)).eval()
