@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .attention import dropout_attention
 from .config import GPT2Config
 from .linear import linear as fast_linear
-from .loss import causal_lm_loss
+from .loss import IGNORE_INDEX, causal_lm_loss
 
 
 def activation(name: str):
@@ -168,13 +168,16 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.virtual_tokens = None  # a soft prompt or prefix: gpt2lite/peft/prompt.py, prefix.py
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, inputs_embeds=None):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, inputs_embeds=None,
+                with_prompt_end: bool = False):
         """input_ids: (B, T) token ids, or inputs_embeds: (B, T, C).
 
         attention_mask: (B, S) with S = past + T, 1 = token, 0 = padding; a (B, T) mask with a non-empty
         cache is taken to cover only the new tokens (the cached ones count as real).
         position_ids: (B, T) or (T,); by default past, past+1, ... as in Hugging Face.
         kv_cache: an object with `.length`, `.update(layer_idx, k, v) -> (k_all, v_all)` and `.advance(T)`.
+        with_prompt_end: when a soft prompt was prepended, return first the output at its last virtual token,
+        the position that predicts the first real token: (B, 1 + T, C).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -212,7 +215,8 @@ class GPT2Model(nn.Module):
             x = block(x, masks[window], kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.ln_f(x[:, T - n_real:])  # (B, n_real, C): a soft prompt's own outputs are dropped
+        n_out = n_real + 1 if with_prompt_end and T > n_real else n_real
+        return self.ln_f(x[:, T - n_out:])  # (B, n_out, C): a soft prompt's own outputs are dropped
 
     def _check_ids(self, input_ids):
         # refused rather than converted: int8/int16/uint8 cannot hold GPT-2's 50,257 ids, so a cast to one
@@ -283,10 +287,17 @@ class GPT2(PreTrained):
         """Returns logits (B, T, vocab_size), or (B, 1, vocab_size) with last_only=True.
 
         With labels (B, T) (-100 where there is no target), returns instead the mean next-token
-        cross-entropy over labelled positions, computing the LM head only at those positions.
+        cross-entropy over labelled positions, computing the LM head only at those positions. Behind a soft
+        prompt the first label counts too, predicted at the prompt's last virtual token (as in peft).
         """
-        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds)
+        hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds,
+                                  with_prompt_end=labels is not None)
         if labels is not None:
+            B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            if hidden.size(1) == T + 1:  # (B, 1 + T, C): the prompt's end predicts labels[:, 0]
+                if labels.shape != (B, T):
+                    raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(B, T)} as input_ids")
+                labels = F.pad(labels, (1, 0), value=IGNORE_INDEX)  # (B, 1 + T)
             return causal_lm_loss(hidden, labels, self.lm_head)
         if last_only:
             hidden = hidden[:, -1:, :]

@@ -107,12 +107,21 @@ class TrainConfig:
                              "or use schedule='constant' with a time budget alone")
 
 
-def label_count(labels: torch.Tensor) -> int:
+def label_count(labels: torch.Tensor, first_too: bool = False) -> int:
     """How many targets a batch's mean loss averages: label tokens (B, T) after the one-token shift that
-    causal_lm_loss applies, or examples for class labels (B,)."""
+    causal_lm_loss applies, or examples for class labels (B,). first_too: labels[:, 0] is scored as well
+    (behind a soft prompt, whose last virtual token predicts the first real token)."""
     if labels.dim() == 1:
         return labels.numel()
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((labels[:, 0 if first_too else 1:] != IGNORE_INDEX).sum())
+
+
+def scores_first_label(model) -> bool:
+    """Whether `model` (or the module DDP wraps) scores labels[:, 0]: an enabled soft prompt does, as in peft."""
+    from .peft.prompt import soft_prompt
+
+    prompt = soft_prompt(getattr(model, "module", model))
+    return prompt is not None and prompt.adapter_enabled
 
 
 def require_label_tokens(dataset, name: str):
@@ -184,11 +193,12 @@ def evaluate_loss(model, dataset, collate_fn: Callable, batch_size: int, device=
     model.eval()
     indices = distributed.shard(range(len(dataset)), world, pad=False)
     loss_sum, tokens = 0.0, 0
+    first_too = scores_first_label(model)
     for start in range(0, len(indices), batch_size):
         batch = _to_device(collate_fn([dataset[i] for i in indices[start:start + batch_size]]), device)
         with _autocast(device, precision):
             loss = model(**batch)
-        count = label_count(batch["labels"])
+        count = label_count(batch["labels"], first_too)
         loss_sum, tokens = loss_sum + float(loss) * count, tokens + count
     model.train(was_training)
     loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens], world, device)
@@ -201,7 +211,8 @@ def _accumulate(ddp_model, micro_batches, world, device, precision, scaler):
     """Forward and backward over one step's micro-batches; gradients end up as those of the mean loss over
     every label token of the step on all processes. Returns (summed loss, label tokens, input tokens),
     each summed over all processes."""
-    counts = [label_count(batch["labels"]) for batch in micro_batches]
+    first_too = scores_first_label(ddp_model)
+    counts = [label_count(batch["labels"], first_too) for batch in micro_batches]
     (step_tokens,) = distributed.all_reduce_sum([sum(counts)], world, device)
     loss_sum = torch.zeros((), device=device)
     input_tokens = torch.zeros((), dtype=torch.long, device=device)

@@ -155,7 +155,7 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
     add_ia3(ours)
     randomise_vectors(ours, seed=4)
     with torch.no_grad():
-        ours.score.weight.normal_()
+        ours.score.modules_to_save.weight.normal_()  # the trainable copy, as in peft
     save_peft(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(
         transformers.GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)), str(tmp_path)).eval()

@@ -102,3 +102,30 @@ def test_last_n_counts_the_blocks_ln_f_and_the_chosen_head():
     # untying adds a new head matrix: it trains, and the total grows by its size
     assert count_parameters(freeze_layers(ours(), last_n=2, head="untied")) == (blocks + ln_f + wte,
                                                                                 124_439_808 + wte)
+
+
+PEFT_METHODS = {  # our apply() config -> the peft config of the same adapter (its task_type set per head)
+    "lora": ({"name": "lora", "rank": 8, "alpha": 16, "targets": ["c_attn"]},
+             lambda peft, task: peft.LoraConfig(task_type=task, r=8, lora_alpha=16, target_modules=["c_attn"])),
+    "prompt": ({"name": "prompt", "n_tokens": 20},
+               lambda peft, task: peft.PromptTuningConfig(task_type=task, num_virtual_tokens=20)),
+    "prefix": ({"name": "prefix", "n_tokens": 20},
+               lambda peft, task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=20)),
+    "prefix_projection": ({"name": "prefix", "n_tokens": 20, "projection": True},
+                          lambda peft, task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=20,
+                                                                     prefix_projection=True, encoder_hidden_size=768)),
+    "ia3": ({"name": "ia3"}, lambda peft, task: peft.IA3Config(task_type=task)),
+}
+
+
+@pytest.mark.parametrize("classifier", [False, True], ids=["lm", "classifier"])
+@pytest.mark.parametrize("method", sorted(PEFT_METHODS))
+def test_every_peft_method_counts_as_peft_on_both_heads(method, classifier):
+    """(trainable, total) equal peft's get_nb_trainable_parameters(); on a classifier peft keeps the frozen
+    original of `score` beside its trainable copy (SEQ_CLS modules_to_save), and so does gpt2lite."""
+    import peft
+
+    ours_config, peft_config = PEFT_METHODS[method]
+    model = apply(ours(classifier), ours_config)
+    theirs = peft.get_peft_model(hf(classifier), peft_config(peft, "SEQ_CLS" if classifier else "CAUSAL_LM"))
+    assert count_parameters(model) == theirs.get_nb_trainable_parameters()

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
+from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, count_parameters
 from gpt2lite.hf import CheckpointError
-from gpt2lite.peft import LoRALinear, add_lora, load_adapter, merge_and_unload, save_adapter
+from gpt2lite.peft import LoRALinear, ModulesToSave, add_lora, load_adapter, merge_and_unload, save_adapter
 from gpt2lite.peft.lora import lora_trainable_parameters
 
 TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
@@ -180,3 +180,110 @@ def test_gradients_equal_peft(case, bases, tmp_path):
     assert set(ours_grads) == set(their_grads) and len(ours_grads) > 8
     for key, grad in ours_grads.items():
         torch.testing.assert_close(grad, their_grads[key], atol=1e-6, rtol=1e-4, msg=key)
+
+
+def test_peft_seq_cls_lora_adapter_loads_with_the_same_logits(bases, tmp_path):
+    """peft's standard classifier adapter (task_type="SEQ_CLS" writes modules_to_save ["classifier", "score"]):
+    "classifier" names no module of GPT-2 and is ignored, as peft ignores it; the score copy loads."""
+    import peft
+
+    theirs = peft.get_peft_model(hf_base("classifier", bases), peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["c_attn"]))
+    perturb([p for p in theirs.parameters() if p.requires_grad], seed=6)
+    theirs.eval()
+    theirs.save_pretrained(str(tmp_path))
+    assert set(json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]) == {"classifier", "score"}
+    model = load_adapter(ours_base("classifier", bases), str(tmp_path))
+    assert (model(TOKENS) - hf_logits(theirs)).abs().max() < 2e-6
+    assert (model(TOKENS) - bases["ours", True](TOKENS)).abs().max() > 1e-3
+    assert count_parameters(model) == theirs.get_nb_trainable_parameters()
+    # and saved back, peft reads it again (the unmatched name is kept, as peft keeps it)
+    save_adapter(model, str(tmp_path / "again"))
+    again = peft.PeftModel.from_pretrained(hf_base("classifier", bases), str(tmp_path / "again")).eval()
+    assert (hf_logits(again) - hf_logits(theirs)).abs().max() < 2e-6
+
+
+def test_modules_to_save_names_that_match_nothing_are_ignored_but_targets_are_not(bases):
+    model = add_lora(ours_base("classifier", bases), rank=4, alpha=8, targets=["c_attn"],
+                     modules_to_save=["classifier", "score"])
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "lora" not in n] == [
+        "score.modules_to_save.weight"]
+    with pytest.raises(ValueError, match="target 'classifier' matches no module"):
+        add_lora(ours_base("classifier", bases), rank=4, alpha=8, targets=["c_attn", "classifier"])
+
+
+METHODS = {  # a method as apply() names it -> how its modules are told apart from the base's
+    "lora": {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.5, "targets": ["c_attn"]},
+    "prompt": {"name": "prompt", "n_tokens": 4},
+    "prefix": {"name": "prefix", "n_tokens": 4, "projection": True},
+    "ia3": {"name": "ia3"},
+}
+
+
+@pytest.mark.parametrize("head", ["lm", "classifier"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_new_adapter_modules_take_the_models_mode(method, head, mode, bases, tmp_path):
+    """add_lora, prompts, prefixes, IA3, modules_to_save (the classifier's score copy) and load_adapter: every
+    module added to a model in eval mode is in eval mode (LoRA dropout off), and in train mode likewise."""
+    from gpt2lite.peft import apply
+
+    classifier = head == "classifier"
+    base = ours_base(head, bases).train(mode == "train")
+    model = apply(copy.deepcopy(base), METHODS[method])
+    assert {m.training for m in model.modules()} == {mode == "train"}
+    save_adapter(model, str(tmp_path))
+    loaded = load_adapter(copy.deepcopy(base), str(tmp_path))
+    assert {m.training for m in loaded.modules()} == {mode == "train"}
+    assert isinstance(loaded.score, ModulesToSave) if classifier else True
+
+
+def test_loaded_lora_dropout_is_off_in_an_eval_model(bases, tmp_path):
+    """The issue's case: a peft adapter with lora_dropout loaded into a model in eval mode gives the same
+    logits on every call, peft's logits."""
+    import peft
+
+    theirs = peft.get_peft_model(hf_base("lm", bases), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                                      target_modules=["c_attn", "c_fc"]))
+    perturb([p for p in theirs.parameters() if p.requires_grad], seed=7)
+    theirs.save_pretrained(str(tmp_path))
+    model = load_adapter(ours_base("lm", bases), str(tmp_path))  # an eval-mode base
+    first, second = model(TOKENS), model(TOKENS)
+    assert torch.equal(first, second)
+    assert (first - hf_logits(theirs.eval())).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "ia3"])
+def test_classifier_adapters_of_the_other_methods_round_trip_through_peft(method, bases, tmp_path):
+    """Prompt-, prefix- and IA3-adapted classifiers save in peft's SEQ_CLS format through save_adapter:
+    peft.PeftModel.from_pretrained on the transformers classifier gives the same logits, and load_adapter
+    gives them back, trained score head included."""
+    import peft
+
+    from gpt2lite.peft import apply
+
+    model = apply(ours_base("classifier", bases), {"name": method, **({"n_tokens": 5} if method != "ia3" else {})})
+    perturb([p for p in model.parameters() if p.requires_grad], seed=8)
+    expected = model(TOKENS)
+    save_adapter(model, str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier", "score"]
+    theirs = peft.PeftModel.from_pretrained(hf_base("classifier", bases), str(tmp_path)).eval()
+    assert (hf_logits(theirs) - expected).abs().max() < 1e-5
+    # peft loads prompt learning frozen; the total holds the same tensors (the frozen original score too)
+    assert count_parameters(model)[1] == theirs.get_nb_trainable_parameters()[1]
+    reloaded = load_adapter(ours_base("classifier", bases), str(tmp_path))
+    assert torch.equal(reloaded(TOKENS), expected)
+    assert (expected - bases["ours", True](TOKENS)).abs().max() > 1e-3
+
+
+def test_peft_adapter_saved_as_a_pickle_bin_loads_safely(bases, tmp_path):
+    """peft's older adapter_model.bin (safe_serialization=False) loads, read with weights_only=True."""
+    import peft
+
+    theirs = peft.get_peft_model(hf_base("lm", bases), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    perturb([p for p in theirs.parameters() if p.requires_grad], seed=9)
+    theirs.eval().save_pretrained(str(tmp_path), safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    model = load_adapter(ours_base("lm", bases), str(tmp_path))
+    assert (model(TOKENS) - hf_logits(theirs)).abs().max() < 1e-5

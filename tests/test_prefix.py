@@ -178,7 +178,7 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
     ours = GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)).eval()
     add_prefix(ours, N_TOKENS)
     with torch.no_grad():
-        ours.score.weight.normal_()
+        ours.score.modules_to_save.weight.normal_()  # the trainable copy, as in peft
     save_peft(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(
         transformers.GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)), str(tmp_path)).eval()

@@ -79,15 +79,46 @@ def test_logits_match_peft_without_and_with_right_padding(pair):
 
 
 def test_labels_loss_matches_peft(pair):
+    """Every token labelled (language modelling): as in peft, the prompt's last virtual token predicts the
+    first real token, so labels[:, 0] counts too; the loss and the prompt's gradient equal peft's."""
     ours, theirs = pair
     torch.manual_seed(2)
     ids = torch.randint(0, 50257, (2, 10))
     labels = ids.clone()
-    labels[:, :4] = -100
+    ours_loss = ours(ids, labels=labels)
+    theirs_loss = theirs(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    assert abs(ours_loss.item() - theirs_loss.item()) < 1e-5
+    ours_loss.backward()
+    theirs_loss.backward()
+    torch.testing.assert_close(soft_prompt(ours).embedding.grad, theirs.prompt_encoder.default.embedding.weight.grad,
+                               atol=1e-6, rtol=1e-4)
+    with torch.no_grad():  # the same through inputs_embeds, and with right padding (pads labelled -100)
+        embedded = ours(inputs_embeds=ours.transformer.wte(ids), labels=labels)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        padded_labels = labels.masked_fill(mask == 0, -100)
+        ours_padded = ours(ids, attention_mask=mask, labels=padded_labels)
+        theirs_padded = theirs(input_ids=ids, attention_mask=mask, labels=padded_labels).loss
+    assert torch.equal(embedded, ours_loss.detach())
+    assert abs(ours_padded.item() - theirs_padded.item()) < 1e-5
+
+
+def test_the_prompts_last_position_predicts_the_first_token(pair):
+    """The first label is predicted at the prompt's last position: masking every label but the first still
+    gives a loss (log-likelihood of token 0 after the prompt), equal to peft's; logits stay aligned with ids."""
+    ours, theirs = pair
+    torch.manual_seed(9)
+    ids = torch.randint(0, 50257, (2, 6))
+    labels = torch.full_like(ids, -100)
+    labels[:, 0] = ids[:, 0]
     with torch.no_grad():
         ours_loss = ours(ids, labels=labels)
-        theirs_loss = theirs(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-    assert abs(ours_loss.item() - theirs_loss.item()) < 1e-5
+        theirs_out = theirs(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        last_virtual = theirs_out.logits[:, N_TOKENS - 1]  # (B, V): predicts ids[:, 0]
+        by_hand = torch.nn.functional.cross_entropy(last_virtual, ids[:, 0])
+        assert ours(ids).shape == (2, 6, 50257)
+    assert abs(ours_loss.item() - theirs_out.loss.item()) < 1e-5
+    assert abs(ours_loss.item() - by_hand.item()) < 1e-5
 
 
 def test_initialisations(tiny_hf_dir):
@@ -215,7 +246,7 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
     add_soft_prompt(ours, N_TOKENS)
     assert count_parameters(ours)[0] == N_TOKENS * 64 + 20 * 64  # the new score head trains too, as in peft
     with torch.no_grad():
-        ours.score.weight.normal_()  # a "trained" head
+        ours.score.modules_to_save.weight.normal_()  # a "trained" head (the trainable copy, as in peft)
     save_peft(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(
         transformers.GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)), str(tmp_path)).eval()

@@ -58,6 +58,31 @@ def test_accumulation_matches_one_large_batch(tmp_path):
     assert (naive - expected["transformer.wpe.weight"]).abs().max() > 1e-4
 
 
+def test_accumulation_behind_a_soft_prompt_counts_the_first_label(tmp_path):
+    """Behind a soft prompt the loss also scores labels[:, 0]: micro-batches are weighted by that count, so
+    3 micro-batches of 2 still give the loss and gradients of one batch of 6."""
+    from gpt2lite.peft import add_soft_prompt
+
+    rows = [{"input_ids": row["input_ids"], "labels": row["input_ids"]} for row in lm_examples(6)]  # all labelled
+
+    def prompted():
+        model = tiny_model(0)
+        torch.manual_seed(1)
+        return add_soft_prompt(model, 4, init="random")
+
+    results = {}
+    for batch_size, grad_accum in [(6, 1), (2, 3)]:
+        model, records = prompted(), []
+        train(model, rows, config(tmp_path / f"p{batch_size}", lr=0.0, batch_size=batch_size, grad_accum=grad_accum),
+              collate_fn=collate_lm, on_log=records.append)
+        results[grad_accum] = (records[0]["loss"], gradients(model))
+    loss, expected = reference_gradients(prompted(), rows, collate_lm)
+    for loss_k, grads in results.values():
+        assert loss_k == pytest.approx(loss, abs=1e-6)
+        worst = max((grads[n] - expected[n]).abs().max().item() for n in expected)
+        assert worst < 1e-5, worst
+
+
 def test_accumulation_counts_examples_for_class_labels(tmp_path):
     """For a classifier (labels (B,)) each example weighs the same: 2 + 1 examples equal one batch of 3."""
     rows = [{"input_ids": ids["input_ids"], "labels": i % 3} for i, ids in enumerate(lm_examples(3))]

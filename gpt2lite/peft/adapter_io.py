@@ -8,7 +8,12 @@ matrices have the same orientation in both (A: (r, in), B: (out, r)) although tr
 linear layers transposed (Conv1D): peft records that as fan_in_fan_out=true.
 
 Soft prompts, prefixes and IA3 save and load themselves (their modules' save_peft / load_peft); this file
-dispatches to them by the model's state or the config's peft_type.
+dispatches to them by the model's state or the config's peft_type, and reads and writes the files for all.
+
+Loading is all or nothing. The files are read and their settings checked first; then the adapter is
+injected, its tensors' names and shapes are compared with what the model now expects, and only then are
+values copied in. On any error the model is left exactly as it was (inject.unchanged_on_error) and a
+CheckpointError names the file and what is wrong in it.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ import json
 import logging
 import os
 import re
-from typing import Dict
+from typing import Dict, Mapping
 
 import torch
 import torch.nn as nn
 
-from ..hf import atomic_write, resolve, stores_transposed
+from ..hf import CheckpointError, atomic_write, resolve, stores_transposed
 from .freeze import is_classifier
+from .inject import unchanged_on_error
 from .lora import LoRALinear, add_lora, lora_biases, lora_layers
 from .modules_to_save import modules_to_save_of
 
@@ -32,6 +38,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+BIN_WEIGHTS_FILE = "adapter_model.bin"  # peft's older format, read with weights_only=True
 
 
 def _other_methods():
@@ -56,25 +63,108 @@ def save_adapter(model: nn.Module, directory: str) -> None:
 def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     """Load an adapter saved by save_adapter or by peft into `model` (a gpt2lite GPT-2 with base weights).
 
-    A LoRA adapter is injected first if the model has none; if it has one, its rank must match.
-    Raises ValueError for an adapter made for another base size, rank or method.
     directory: a local directory, or a hub id ("user/adapter"), downloaded into the Hugging Face cache.
+    The weights are read from adapter_model.safetensors, or else from peft's older adapter_model.bin
+    (with torch.load(weights_only=True): no code runs). A LoRA adapter is injected first if the model has
+    none; if it has one, its rank must match. The new
+    modules take the model's mode (eval or train). Raises CheckpointError (a ValueError) naming the file
+    for a missing, malformed or truncated file and for an adapter made for another base size, rank or
+    method; the model is then unchanged.
     """
-    directory = resolve(directory, allow_patterns=(CONFIG_FILE, WEIGHTS_FILE),
+    directory = resolve(directory, allow_patterns=(CONFIG_FILE, WEIGHTS_FILE, BIN_WEIGHTS_FILE),
                         local_hint="load_adapter(model, '/path/to/dir'), a directory written by save_adapter()")
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{directory!r} has no {CONFIG_FILE}; is it an adapter directory?")
-    with open(path) as f:
-        config = json.load(f)
-    peft_type = config.get("peft_type")
+    config = read_adapter_config(directory)
+    peft_type = config["peft_type"]
     if peft_type == "LORA":
         return _load_lora(model, directory, config)
     others = _other_methods()
     if peft_type in others:
         others[peft_type].load_peft(model, directory, config)
         return model
-    raise ValueError(f"adapter type {peft_type!r} is not supported; gpt2lite loads LORA and {sorted(others)}")
+    raise CheckpointError(f"{os.path.join(directory, CONFIG_FILE)}: adapter type {peft_type!r} is not supported; "
+                          f"gpt2lite loads LORA and {sorted(others)}")
+
+
+# -------------------------------------------------------------------------------------------- files
+
+
+def read_adapter_config(directory: str) -> dict:
+    """adapter_config.json as a dict with a peft_type; CheckpointError naming the file if it is missing or
+    malformed."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no adapter directory {directory!r}")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{directory!r} has no {CONFIG_FILE}; is it an adapter directory (written by "
+                              "save_adapter or peft's save_pretrained)?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); save the adapter again") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of adapter settings "
+                              '(e.g. {"peft_type": "LORA", "r": 8, ...})')
+    if not isinstance(config.get("peft_type"), str):
+        raise CheckpointError(f"{path} has no peft_type (LORA, PROMPT_TUNING, PREFIX_TUNING or IA3)")
+    return config
+
+
+def adapter_weights_path(directory: str) -> str:
+    """The adapter's weights file: adapter_model.safetensors, else peft's older adapter_model.bin."""
+    for name in (WEIGHTS_FILE, BIN_WEIGHTS_FILE):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    raise CheckpointError(f"{directory!r} has no {WEIGHTS_FILE} (nor {BIN_WEIGHTS_FILE}): the adapter's weights "
+                          f"are missing beside its {CONFIG_FILE}; copy them there or save the adapter again")
+
+
+def read_adapter_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of an adapter weights file; CheckpointError naming the file if it cannot be read."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"could not read {path}: {type(error).__name__}: {error}. The file is probably "
+                              "truncated or corrupted; save or copy the adapter again.") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise CheckpointError(f"{path} does not hold a dict of tensors; it is not an adapter weights file")
+    return tensors
+
+
+def check_adapter_tensors(path: str, saved: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size],
+                          hint: str):
+    """Raise a CheckpointError naming `path` unless `saved` has exactly the names and shapes of `expected`.
+    hint: the likely cause, appended to the message."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        found = [f"{what} {names[:4]}{f' and {len(names) - 4} more' if len(names) > 4 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise CheckpointError(f"{path} does not fit this model: {', '.join(found)} ({hint})")
+    for key, shape in expected.items():
+        if saved[key].shape != shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(saved[key].shape)}, this model expects "
+                                  f"{tuple(shape)}; {hint}")
+
+
+def write_adapter_files(directory: str, config: dict, tensors: Mapping[str, torch.Tensor]):
+    """Write adapter_config.json and adapter_model.safetensors into `directory`, each atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
 
 
 # --------------------------------------------------------------------------------------------- LoRA
@@ -120,62 +210,62 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _save_lora(model: nn.Module, directory: str) -> None:
-    from safetensors.torch import save_file
-
     if any(layer.merged for layer in lora_layers(model).values()):
         raise ValueError("the LoRA layers are merged; unmerge_lora(model) before saving the adapter")
-    config = lora_peft_config(model)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2)
-
-    atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
+    write_adapter_files(directory, lora_peft_config(model), lora_state_dict(model))
 
 
 def _load_lora(model: nn.Module, directory: str, config: dict) -> nn.Module:
-    from safetensors.torch import load_file
-
-    for unsupported in ("rank_pattern", "alpha_pattern"):
-        if config.get(unsupported):
-            raise ValueError(f"the adapter sets {unsupported}={config[unsupported]}; gpt2lite uses one rank and alpha")
-    if config.get("lora_bias"):
-        raise ValueError("the adapter sets lora_bias=true (a bias on lora_B), which gpt2lite does not implement")
-    targets = config["target_modules"]
-    if isinstance(targets, str):  # peft: a string is a regular expression over full module names
-        targets = [n for n, m in model.named_modules() if re.fullmatch(targets, n) and isinstance(m, nn.Linear)]
-    layers = lora_layers(model)
-    if not layers:
-        add_lora(model, rank=config["r"], alpha=config["lora_alpha"], targets=targets,
-                 dropout=config.get("lora_dropout", 0.0), bias=config.get("bias", "none"),
-                 rslora=config.get("use_rslora", False), dora=config.get("use_dora", False),
-                 layers_to_transform=config.get("layers_to_transform"), modules_to_save=config.get("modules_to_save"))
-    else:
-        ranks = {layer.rank for layer in layers.values()}
-        if ranks != {config["r"]}:
-            raise ValueError(f"the adapter in {directory!r} has rank {config['r']}, the model's LoRA layers have "
-                             f"rank {sorted(ranks)}; load it into a model without LoRA or with the same rank")
-    weights_path = os.path.join(directory, WEIGHTS_FILE)
-    if not os.path.exists(weights_path):
-        raise FileNotFoundError(f"{directory!r} has no {WEIGHTS_FILE} (adapter_model.bin is not supported)")
-    saved = load_file(weights_path)
-    expected = lora_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"the adapter in {directory!r} does not fit this model: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]} (made for another model or another target set?)")
-    for key, tensor in expected.items():
-        if saved[key].shape != tensor.shape:
-            raise ValueError(
-                f"{key}: the adapter has shape {tuple(saved[key].shape)}, this model expects {tuple(tensor.shape)}; "
-                f"the adapter was made for another base size (n_embd={model.config.n_embd} here) or rank"
-            )
-    with torch.no_grad():
-        for key, tensor in expected.items():
-            tensor.copy_(saved[key])
-    logger.info("loaded a LoRA adapter of rank %d into %d layers from %s", config["r"], len(lora_layers(model)),
+    config_path = os.path.join(directory, CONFIG_FILE)
+    settings = _lora_settings(model, config_path, config)
+    weights_path = adapter_weights_path(directory)
+    saved = read_adapter_tensors(weights_path)
+    with unchanged_on_error(model):
+        layers = lora_layers(model)
+        if not layers:
+            try:
+                add_lora(model, **settings)
+            except (ValueError, TypeError) as error:
+                raise CheckpointError(f"{config_path}: {error}") from None
+        else:
+            ranks = {layer.rank for layer in layers.values()}
+            if ranks != {settings["rank"]}:
+                raise CheckpointError(f"the adapter in {directory!r} has rank {settings['rank']}, the model's LoRA "
+                                      f"layers have rank {sorted(ranks)}; load it into a model without LoRA or "
+                                      "with the same rank")
+        expected = lora_state_dict(model)
+        check_adapter_tensors(weights_path, saved, {k: v.shape for k, v in expected.items()},
+                              f"the adapter was made for another base size (n_embd={model.config.n_embd} here), "
+                              "rank or set of target modules")
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                tensor.copy_(saved[key])
+    logger.info("loaded a LoRA adapter of rank %d into %d layers from %s", settings["rank"], len(lora_layers(model)),
                 directory)
     return model
+
+
+def _lora_settings(model: nn.Module, config_path: str, config: dict) -> dict:
+    """add_lora's arguments from a peft LoraConfig (peft's defaults where a field is absent); a CheckpointError
+    naming the file for what gpt2lite does not implement or a config without target_modules."""
+    for unsupported in ("rank_pattern", "alpha_pattern"):
+        if config.get(unsupported):
+            raise CheckpointError(f"{config_path} sets {unsupported}={config[unsupported]}; gpt2lite uses one rank "
+                                  "and alpha")
+    if config.get("lora_bias"):
+        raise CheckpointError(f"{config_path} sets lora_bias=true (a bias on lora_B), which gpt2lite does not "
+                              "implement")
+    targets = config.get("target_modules")
+    if not targets:
+        raise CheckpointError(f"{config_path} has no target_modules: a LoRA adapter names the layers it adapts "
+                              '(e.g. "target_modules": ["c_attn"])')
+    if isinstance(targets, str):  # peft: a string is a regular expression over full module names
+        pattern = targets
+        targets = [n for n, m in model.named_modules() if re.fullmatch(pattern, n) and isinstance(m, nn.Linear)]
+        if not targets:
+            raise CheckpointError(f"{config_path}: target_modules {pattern!r} (a regular expression over module "
+                                  "names) matches no linear layer of this model")
+    return dict(rank=config.get("r", 8), alpha=config.get("lora_alpha", 8), targets=targets,
+                dropout=config.get("lora_dropout", 0.0), bias=config.get("bias", "none"),
+                rslora=config.get("use_rslora", False), dora=config.get("use_dora", False),
+                layers_to_transform=config.get("layers_to_transform"), modules_to_save=config.get("modules_to_save"))

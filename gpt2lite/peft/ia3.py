@@ -10,17 +10,20 @@ An IA3Linear takes over the base nn.Linear's weight and bias, so state-dict keys
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from ..hf import CheckpointError, default_targets, stores_transposed
 from ..linear import linear
-from ..hf import default_targets, stores_transposed
 from .freeze import classifier_head_parameters, train_only
-from .inject import as_patterns, find_targets, matches, replace_modules
-from .prompt import load_score_head, read_peft_tensors, score_head_tensors, task_type, write_peft_files
+from .inject import as_patterns, find_targets, matches, replace_modules, unchanged_on_error
+from .modules_to_save import train_classifier_head
+from .prompt import load_score_head, read_peft_tensors, score_head_hint, score_head_tensors, task_type
+from .prompt import write_peft_files
 
 PEFT_PREFIX = "base_model.model."
 
@@ -58,9 +61,10 @@ class IA3Linear(nn.Module):
 def add_ia3(model: nn.Module, targets: Optional[Union[str, Sequence[str]]] = None,
             feedforward: Optional[Union[str, Sequence[str]]] = None) -> nn.Module:
     """Wrap the linear layers `targets` match (peft's suffix rule) in IA3Linear; freeze the rest (a
-    classifier's score head still trains). Layers matched by `feedforward` scale their inputs, the
-    others their outputs; every feed-forward layer must also be a target, as peft requires. By default
-    both are the architecture's, as in peft (GPT-2: c_attn, mlp.c_proj; GPT-Neo: q_proj, v_proj, c_proj)."""
+    classifier's score head trains too, as a modules_to_save copy, as in peft). Layers matched by
+    `feedforward` scale their inputs, the others their outputs; every feed-forward layer must also be a
+    target, as peft requires. By default both are the architecture's, as in peft (GPT-2: c_attn,
+    mlp.c_proj; GPT-Neo: q_proj, v_proj, c_proj)."""
     targets = default_targets(model, "ia3") if targets is None else targets
     feedforward = default_targets(model, "ia3_feedforward") if feedforward is None else feedforward
     names = find_targets(model, targets)
@@ -77,10 +81,12 @@ def _wrap(model, names, feedforward_names):
     twice = [n for n in names if isinstance(model.get_submodule(n), IA3Linear)]
     if twice:
         raise ValueError(f"IA3 is already applied to {twice}")
-    replace_modules(model, names, lambda name, module: IA3Linear(module, name in feedforward_names))
+    with unchanged_on_error(model):  # a target that is not an nn.Linear is found midway
+        replace_modules(model, names, lambda name, module: IA3Linear(module, name in feedforward_names))
+        head = train_classifier_head(model)
     model.ia3_settings = dict(targets=list(names), feedforward=sorted(feedforward_names))
     parameters = [p for m in model.modules() if isinstance(m, IA3Linear) for p in m.adapter_parameters()]
-    return train_only(model, parameters + classifier_head_parameters(model))
+    return train_only(model, parameters + head)
 
 
 def ia3_layers(model: nn.Module):
@@ -111,28 +117,36 @@ def save_peft(model: nn.Module, directory: str):
 
 
 def load_peft(model: nn.Module, directory: str, adapter_config: dict) -> nn.Module:
-    """Load a peft IA3 adapter: wrap its target modules if the model has no IA3 yet, then copy the vectors."""
+    """Load a peft IA3 adapter: wrap its target modules if the model has no IA3 yet, then copy the vectors.
+    All or nothing: on a CheckpointError the model is unchanged."""
+    from .adapter_io import check_adapter_tensors
+
+    config_path = os.path.join(directory, "adapter_config.json")
     if adapter_config.get("peft_type") != "IA3":
-        raise ValueError(f"expected an IA3 adapter, got peft_type={adapter_config.get('peft_type')!r}")
-    if not is_applied(model):
-        names = _peft_names(model, adapter_config.get("target_modules"))
-        feedforward = _peft_names(model, adapter_config.get("feedforward_modules") or [], among=names)
-        _wrap(model, names, set(feedforward))
-    layers = ia3_layers(model)
-    tensors = read_peft_tensors(directory)
-    load_score_head(model, tensors, PEFT_PREFIX)
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(PEFT_PREFIX + "score.")}
-    expected = {f"{PEFT_PREFIX}{name}.ia3_l": m for name, m in layers.items()}
-    if set(tensors) != set(expected):
-        raise ValueError(f"the adapter's IA3 vectors {sorted(tensors)} do not match the model's IA3 layers "
-                         f"{sorted(expected)}")
-    with torch.no_grad():
-        for key, layer in expected.items():
-            vector = tensors[key].reshape(-1)
-            if vector.shape != layer.ia3_l.shape:
-                raise ValueError(f"{key} has {vector.numel()} entries, the model's layer needs {layer.ia3_l.numel()}: "
-                                 "the adapter was made for another model size")
-            layer.ia3_l.copy_(vector)
+        raise CheckpointError(f"{config_path}: expected an IA3 adapter, got peft_type="
+                              f"{adapter_config.get('peft_type')!r}")
+    if not adapter_config.get("target_modules"):
+        raise CheckpointError(f"{config_path} has no target_modules: an IA3 adapter names the layers it scales "
+                              '(e.g. "target_modules": ["c_attn", "mlp.c_proj"])')
+    path, tensors = read_peft_tensors(directory)
+    with unchanged_on_error(model):
+        if not is_applied(model):
+            try:
+                names = _peft_names(model, adapter_config["target_modules"])
+                feedforward = _peft_names(model, adapter_config.get("feedforward_modules") or [], among=names)
+                _wrap(model, names, set(feedforward))
+            except (ValueError, TypeError) as error:
+                raise CheckpointError(f"{config_path}: {error}") from None
+        layers = ia3_layers(model)
+        expected = {f"{PEFT_PREFIX}{name}.ia3_l": torch.Size((1, m.in_features) if m.feedforward else
+                                                             (m.out_features, 1)) for name, m in layers.items()}
+        expected.update({k: v.shape for k, v in score_head_tensors(model, PEFT_PREFIX).items()})
+        check_adapter_tensors(path, tensors, expected, "the adapter was made for another model size or set of "
+                              "target modules? " + score_head_hint(model))
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.ia3_l.copy_(tensors[f"{PEFT_PREFIX}{name}.ia3_l"].reshape(-1))
+        load_score_head(model, tensors, PEFT_PREFIX)
     return model
 
 

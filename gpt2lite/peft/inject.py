@@ -1,4 +1,4 @@
-"""Injecting adapter modules by module-name patterns, with peft's matching rule.
+"""Injecting adapter modules by module-name patterns, with peft's matching rule; injection is all or nothing.
 
 A pattern names a module by its full name or by a suffix made of whole name parts: "c_attn" matches
 `transformer.h.0.attn.c_attn`; "attn.c_proj" matches only the attention output projection; a bare "c_proj"
@@ -7,6 +7,7 @@ matches both `attn.c_proj` and `mlp.c_proj` (peft's `check_target_module_exists`
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 # peft's rule for the layer index: the first number that follows a dotted name part ("transformer.h.3.").
 LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own dicts: copied, not shared
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -77,12 +79,37 @@ def _prefixes(name: str) -> List[str]:
 
 def replace_modules(model: nn.Module, names: Sequence[str],
                     build: Callable[[str, nn.Module], nn.Module]) -> Dict[str, nn.Module]:
-    """Put `build(name, module)` in place of each named module; returns {name: the module replaced}."""
+    """Put `build(name, module)` in place of each named module; returns {name: the module replaced}.
+
+    The new modules take the model's mode (train or eval): a LoRA dropout added to a model in eval mode
+    stays off."""
     replaced = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         original = getattr(parent, child)
-        setattr(parent, child, build(name, original))
+        setattr(parent, child, build(name, original).train(model.training))
         replaced[name] = original
     return replaced
+
+
+@contextlib.contextmanager
+def unchanged_on_error(model: nn.Module):
+    """If the block raises, put back every module, attribute and requires_grad flag of `model` as they were.
+
+    Injection only rearranges modules (the adapters take the base weights over, they do not copy them), so
+    restoring each module's attributes and children restores the model exactly. Tensor values are not
+    saved: copy values in only once every check has passed.
+    """
+    saved = [(module, {key: value.copy() if key in MODULE_TABLES else value for key, value in vars(module).items()})
+             for module in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield model
+    except BaseException:
+        for module, attributes in saved:
+            vars(module).clear()
+            vars(module).update(attributes)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise

@@ -180,8 +180,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Union[str, Sequ
     check_rank(rank)
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
-    if alpha is None or alpha <= 0:
-        raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
     saved_patterns = as_patterns(modules_to_save, "modules_to_save") if modules_to_save else []
     names = find_targets(model, targets, layers_to_transform, exclude=saved_patterns)
     twice = [n for n in names if isinstance(model.get_submodule(n), LoRALinear)]

@@ -3,16 +3,23 @@
 As in peft, the wrapper keeps the original module, frozen, next to a trainable copy: running with the
 adapters disabled gives the base model back exactly, and parameter counts equal peft's (the total includes
 the original). The copy's weights are saved with the adapter under the module's own name (`score.weight`).
+
+Names that match no module are ignored, as peft ignores them: peft writes modules_to_save ["classifier",
+"score"] for every SEQ_CLS adapter, whatever the model calls its head.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import List, Sequence
 
 import torch.nn as nn
 
-from .inject import as_patterns, find_targets, replace_modules
+from .freeze import classifier_head_parameters, is_classifier
+from .inject import as_patterns, find_targets, matches, replace_modules
+
+logger = logging.getLogger(__name__)
 
 WRAPPER_PARTS = ("original_module.", "modules_to_save.")
 
@@ -52,11 +59,21 @@ class ModulesToSave(nn.Module):
 def add_modules_to_save(model: nn.Module, names: Sequence[str]) -> List[str]:
     """Wrap each module that `names` match (peft's suffix rule) in ModulesToSave; returns the wrapped names.
 
-    Already wrapped modules are left as they are. Trainability is set by the caller (freeze.train_only).
+    Names that match nothing are ignored (as in peft); already wrapped modules are left as they are.
+    Trainability is set by the caller (freeze.train_only).
     """
     patterns = as_patterns(names, "modules_to_save")
+    module_names = [n for n, _ in model.named_modules() if n]
+    found = [p for p in patterns if any(matches(n, p) for n in module_names)]
+    if len(found) < len(patterns):
+        unmatched = [p for p in patterns if p not in found]
+        # a name peft itself adds for classifiers ("classifier") is routine; a list that matches nothing is not
+        log = logger.warning if not found else logger.info
+        log("modules_to_save %s match no module of %s; ignored, as peft does", unmatched, type(model).__name__)
+    if not found:
+        return []
     existing = modules_to_save_of(model)
-    wrapped = [n for n in find_targets(model, patterns)
+    wrapped = [n for n in find_targets(model, found)
                if n not in existing and not any(n.startswith(w + ".") for w in existing)]
     # Wrap only the outermost of nested matches.
     wrapped = [n for n in wrapped if not any(n.startswith(other + ".") for other in wrapped)]
@@ -67,3 +84,12 @@ def add_modules_to_save(model: nn.Module, names: Sequence[str]) -> List[str]:
 def modules_to_save_of(model: nn.Module):
     """{name: wrapper} of every ModulesToSave in the model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSave)}
+
+
+def train_classifier_head(model: nn.Module) -> List[nn.Parameter]:
+    """As peft does for SEQ_CLS: wrap a classifier's new `score` head in ModulesToSave (a trainable copy
+    beside the frozen original, saved with the adapter); returns the copy's parameters ([] for a
+    language model)."""
+    if is_classifier(model):
+        add_modules_to_save(model, ["score"])
+    return classifier_head_parameters(model)

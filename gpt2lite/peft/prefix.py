@@ -19,9 +19,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .freeze import classifier_head_parameters, train_only
-from .prompt import check_prompt_learning_config, check_virtual_tokens, mask_with_virtual_tokens
-from .prompt import load_score_head, prompt_learning_config, read_peft_tensors, score_head_tensors, write_peft_files
+from ..hf import CheckpointError
+from .freeze import train_only
+from .inject import unchanged_on_error
+from .modules_to_save import train_classifier_head
+from .prompt import check_prompt_learning_config, check_virtual_tokens, mask_with_virtual_tokens, read_prompt_table
+from .prompt import load_score_head, prompt_learning_config, score_head_hint, score_head_tensors, write_peft_files
 
 
 class PrefixCache:
@@ -101,8 +104,8 @@ class Prefix(nn.Module):
 
 def add_prefix(model: nn.Module, n_tokens: int, projection: bool = False,
                projection_dim: Optional[int] = None) -> nn.Module:
-    """Inject trainable key/value prefixes of n_tokens into every layer; freeze the rest (a classifier's
-    score head still trains).
+    """Inject trainable key/value prefixes of n_tokens into every layer; freeze the rest. A classifier's
+    score head trains too, as a modules_to_save copy beside the frozen original (peft's SEQ_CLS).
 
     projection: learn an embedding (n_tokens, n_embd) and an MLP n_embd -> projection_dim -> n_layer *
     2 * n_embd (peft's prefix_projection / encoder_hidden_size; projection_dim defaults to n_embd).
@@ -117,9 +120,11 @@ def add_prefix(model: nn.Module, n_tokens: int, projection: bool = False,
             raise ValueError(f"projection_dim must be a positive integer, got {projection_dim!r}")
     device = model.transformer.wte.weight.device
     prefix = Prefix(n_tokens, config.n_layer, config.n_head, config.n_embd, projection_dim, device)
+    prefix.train(model.training)
+    head = train_classifier_head(model)
     model.transformer.virtual_tokens = prefix
     model.num_virtual_tokens = n_tokens
-    return train_only(model, prefix.adapter_parameters() + classifier_head_parameters(model))
+    return train_only(model, prefix.adapter_parameters() + head)
 
 
 def prefix_of(model: nn.Module) -> Optional[Prefix]:
@@ -150,21 +155,26 @@ def save_peft(model: nn.Module, directory: str):
 
 def load_peft(model: nn.Module, directory: str, adapter_config: dict) -> nn.Module:
     """Load a peft PREFIX_TUNING adapter. Its file holds the prefix table only, so a projected prefix
-    loads, as in peft, as a plain table (the MLP that produced it is not saved)."""
-    check_prompt_learning_config(model, adapter_config, "PREFIX_TUNING")
-    tensors = read_peft_tensors(directory)
-    table = tensors["prompt_embeddings"]  # (n, L * 2 * C)
-    prefix = prefix_of(model)
-    if prefix is None:
-        add_prefix(model, table.size(0))
+    loads, as in peft, as a plain table (the MLP that produced it is not saved). All or nothing: on a
+    CheckpointError the model is unchanged."""
+    from .adapter_io import check_adapter_tensors
+
+    check_prompt_learning_config(model, directory, adapter_config, "PREFIX_TUNING")
+    config = model.config
+    path, tensors, table = read_prompt_table(directory, adapter_config, config.n_layer * 2 * config.n_embd)
+    with unchanged_on_error(model):
         prefix = prefix_of(model)
-    if prefix.transform is not None:
-        raise ValueError("the model's prefix has an MLP projection; a saved prefix table can only be loaded into a "
-                         "plain prefix: load it into a model without a prefix")
-    if prefix.embedding.shape != table.shape:
-        raise ValueError(f"the adapter's prefix table is {tuple(table.shape)}, the model's is "
-                         f"{tuple(prefix.embedding.shape)}")
-    with torch.no_grad():
-        prefix.embedding.copy_(table)
-    load_score_head(model, tensors, "base_model.")
+        if prefix is None:
+            add_prefix(model, table.size(0))
+            prefix = prefix_of(model)
+        if prefix.transform is not None:
+            raise CheckpointError(f"{path} holds a prefix table, but the model's prefix has an MLP projection; a "
+                                  "table loads only into a plain prefix: load it into a model without a prefix")
+        expected = {"prompt_embeddings": prefix.embedding.shape,
+                    **{k: v.shape for k, v in score_head_tensors(model, "base_model.").items()}}
+        check_adapter_tensors(path, tensors, expected, "another number of virtual tokens than the model's prefix? "
+                              + score_head_hint(model))
+        with torch.no_grad():
+            prefix.embedding.copy_(table)
+        load_score_head(model, tensors, "base_model.")
     return model

@@ -16,14 +16,16 @@ first call, and occupies n cache slots (`model.num_virtual_tokens`, which genera
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ..hf import CheckpointError
 from .freeze import classifier_head_parameters, train_only
+from .inject import unchanged_on_error
+from .modules_to_save import modules_to_save_of, train_classifier_head
 
 INITS = ("random", "vocab", "text")
 PEFT_INIT_NAMES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -102,7 +104,8 @@ def check_virtual_tokens(model: nn.Module, n_tokens: int, what: str):
 
 def add_soft_prompt(model: nn.Module, n_tokens: int, init_text: Optional[str] = None, init: Optional[str] = None,
                     tokenizer=None, generator: Optional[torch.Generator] = None) -> nn.Module:
-    """Inject n_tokens trainable prompt embeddings; freeze the rest (a classifier's score head still trains).
+    """Inject n_tokens trainable prompt embeddings; freeze the rest. A classifier's score head trains too,
+    as a modules_to_save copy beside the frozen original (peft's SEQ_CLS).
 
     init: "random" (N(0, 1), as peft's RANDOM), "vocab" (embeddings of random vocabulary tokens, peft's
     SAMPLE_VOCAB) or "text" (the embeddings of `init_text`'s tokens, repeated or cut to n_tokens, peft's
@@ -124,9 +127,11 @@ def add_soft_prompt(model: nn.Module, n_tokens: int, init_text: Optional[str] = 
         else:
             token_ids = text_token_ids(init_text, n_tokens, tokenizer).to(wte.device)
         embedding = wte.detach()[token_ids].float().clone()  # (n_tokens, C)
-    model.transformer.virtual_tokens = SoftPrompt(embedding, model.config.n_positions, init, init_text)
+    prompt = SoftPrompt(embedding, model.config.n_positions, init, init_text).train(model.training)
+    head = train_classifier_head(model)
+    model.transformer.virtual_tokens = prompt
     model.num_virtual_tokens = n_tokens
-    return train_only(model, [model.transformer.virtual_tokens.embedding] + classifier_head_parameters(model))
+    return train_only(model, [prompt.embedding] + head)
 
 
 def text_token_ids(text: str, n_tokens: int, tokenizer=None) -> torch.Tensor:
@@ -158,55 +163,43 @@ def task_type(model: nn.Module) -> str:
 
 
 def score_head_tensors(model: nn.Module, key_prefix: str) -> dict:
-    """A classifier's score head as peft saves it for SEQ_CLS (module to save "score"), else nothing.
+    """A classifier's trained score head as peft saves it for SEQ_CLS (module to save "score"), else nothing.
     key_prefix: "base_model." for prompt learning, "base_model.model." for IA3."""
-    if not classifier_head_parameters(model):
+    wrapper = modules_to_save_of(model).get("score")
+    if wrapper is None:
         return {}
-    return {f"{key_prefix}score.{name}": tensor for name, tensor in model.score.named_parameters()}
+    return {f"{key_prefix}score.{name}": tensor for name, tensor in wrapper.adapter_state_dict().items()}
 
 
 def load_score_head(model: nn.Module, tensors: dict, key_prefix: str):
-    """Copy a saved score head (see score_head_tensors) into the model's; a mismatch raises."""
-    saved = {key[len(key_prefix) + len("score."):]: tensor for key, tensor in tensors.items()
-             if key.startswith(key_prefix + "score.")}
-    if not saved:
-        return
-    if not classifier_head_parameters(model):
-        raise ValueError("the adapter holds a classifier's score head; load it into a GPT2ForSequenceClassification")
-    own = dict(model.score.named_parameters())
-    for name, tensor in saved.items():
-        if name not in own or own[name].shape != tensor.shape:
-            raise ValueError(f"the adapter's score.{name} has shape {tuple(tensor.shape)}, the model's is "
-                             f"{tuple(own[name].shape) if name in own else 'missing'}: another number of labels")
-        with torch.no_grad():
-            own[name].copy_(tensor)
+    """Copy a saved score head (see score_head_tensors) into the model's trainable copy; the names and
+    shapes were checked with check_adapter_tensors."""
+    own = score_head_tensors(model, key_prefix)
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(tensors[key])
+
+
+def score_head_hint(model: nn.Module) -> str:
+    if classifier_head_parameters(model):
+        return f"a classifier's adapter holds its score head ({model.config.num_labels} labels here)"
+    return "a classifier's adapter (with score.*) loads into a GPT2ForSequenceClassification"
 
 
 def write_peft_files(directory: str, adapter_config: dict, tensors: dict):
-    """Write adapter_config.json and adapter_model.safetensors into `directory`, each atomically."""
-    from safetensors.torch import save_file
+    """Write the adapter files, tensors in float32 (as peft keeps adapters of a 16-bit base)."""
+    from .adapter_io import write_adapter_files
 
-    from ..hf import atomic_write
-
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    atomic_write(os.path.join(directory, "adapter_model.safetensors"),
-                 lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-
-    def write_json(path):
-        with open(path, "w") as f:
-            json.dump(adapter_config, f, indent=2, sort_keys=True)
-
-    atomic_write(os.path.join(directory, "adapter_config.json"), write_json)
+    write_adapter_files(directory, adapter_config, {k: v.float() for k, v in tensors.items()})
 
 
-def read_peft_tensors(directory: str) -> dict:
-    from safetensors.torch import load_file
+def read_peft_tensors(directory: str):
+    """(path, tensors) of the adapter's weights file; a CheckpointError naming the file if it is missing or
+    unreadable."""
+    from .adapter_io import adapter_weights_path, read_adapter_tensors
 
-    path = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: not a peft adapter directory")
-    return load_file(path)
+    path = adapter_weights_path(directory)
+    return path, read_adapter_tensors(path)
 
 
 def prompt_learning_config(model: nn.Module, peft_type: str, n_tokens: int) -> dict:
@@ -221,17 +214,33 @@ def prompt_learning_config(model: nn.Module, peft_type: str, n_tokens: int) -> d
     }
 
 
-def check_prompt_learning_config(model: nn.Module, adapter_config: dict, peft_type: str):
-    """Raise a clear error when a prompt-learning adapter was made for another model size."""
+def check_prompt_learning_config(model: nn.Module, directory: str, adapter_config: dict, peft_type: str):
+    """Raise a CheckpointError naming the config file when a prompt-learning adapter was made for another
+    model size or method."""
+    path = os.path.join(directory, "adapter_config.json")
     if adapter_config.get("peft_type") != peft_type:
-        raise ValueError(f"expected a {peft_type} adapter, got peft_type={adapter_config.get('peft_type')!r}")
+        raise CheckpointError(f"{path}: expected a {peft_type} adapter, got peft_type="
+                              f"{adapter_config.get('peft_type')!r}")
     config = model.config
     for key, ours in (("token_dim", config.n_embd), ("num_layers", config.n_layer),
                       ("num_attention_heads", config.n_head), ("num_transformer_submodules", 1)):
         theirs = adapter_config.get(key, ours)
         if theirs != ours:
-            raise ValueError(f"the adapter was made for {key}={theirs}, this model has {key}={ours}: "
-                             "load it into the base model it was trained on")
+            raise CheckpointError(f"{path}: the adapter was made for {key}={theirs}, this model has {key}={ours}: "
+                                  "load it into the base model it was trained on")
+
+
+def read_prompt_table(directory: str, adapter_config: dict, width: int):
+    """(path, tensors, table) of a prompt-learning adapter: "prompt_embeddings" (n, width), n as the
+    config's num_virtual_tokens; a CheckpointError naming the file otherwise."""
+    path, tensors = read_peft_tensors(directory)
+    table = tensors.get("prompt_embeddings")
+    n = adapter_config.get("num_virtual_tokens")
+    if table is None or table.dim() != 2 or table.size(1) != width or (n is not None and table.size(0) != n):
+        found = "nothing" if table is None else f"shape {tuple(table.shape)}"
+        raise CheckpointError(f"{path}: prompt_embeddings should be ({n if n is not None else 'n'}, {width}), "
+                              f"found {found}: the adapter was made for another model size or is damaged")
+    return path, tensors, table
 
 
 def save_peft(model: nn.Module, directory: str):
@@ -251,18 +260,22 @@ def save_peft(model: nn.Module, directory: str):
 
 
 def load_peft(model: nn.Module, directory: str, adapter_config: dict) -> nn.Module:
-    """Load a peft PROMPT_TUNING adapter: inject a soft prompt if there is none, then copy its embeddings."""
-    check_prompt_learning_config(model, adapter_config, "PROMPT_TUNING")
-    tensors = read_peft_tensors(directory)
-    embedding = tensors["prompt_embeddings"]  # (n, C)
-    prompt = soft_prompt(model)
-    if prompt is None:
-        add_soft_prompt(model, embedding.size(0))
+    """Load a peft PROMPT_TUNING adapter: inject a soft prompt if there is none, then copy its embeddings.
+    All or nothing: on a CheckpointError the model is unchanged."""
+    from .adapter_io import check_adapter_tensors
+
+    check_prompt_learning_config(model, directory, adapter_config, "PROMPT_TUNING")
+    path, tensors, embedding = read_prompt_table(directory, adapter_config, model.config.n_embd)  # (n, C)
+    with unchanged_on_error(model):
         prompt = soft_prompt(model)
-    if prompt.embedding.shape != embedding.shape:
-        raise ValueError(f"the adapter holds {tuple(embedding.shape)} prompt embeddings, the model's prompt is "
-                         f"{tuple(prompt.embedding.shape)}")
-    with torch.no_grad():
-        prompt.embedding.copy_(embedding)
-    load_score_head(model, tensors, "base_model.")
+        if prompt is None:
+            add_soft_prompt(model, embedding.size(0))
+            prompt = soft_prompt(model)
+        expected = {"prompt_embeddings": prompt.embedding.shape,
+                    **{k: v.shape for k, v in score_head_tensors(model, "base_model.").items()}}
+        check_adapter_tensors(path, tensors, expected, "another number of virtual tokens than the model's prompt? "
+                              + score_head_hint(model))
+        with torch.no_grad():
+            prompt.embedding.copy_(embedding)
+        load_score_head(model, tensors, "base_model.")
     return model
