@@ -43,13 +43,15 @@ EFFICIENCY_COLUMNS = [
     ("best_train_loss", "Best train loss"),
     ("best_val_loss", "Best val loss"),
 ]
-QUALITY_COLUMNS = {
-    "summarization": [("bleu", "BLEU"), ("sacrebleu", "SacreBLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+GENERATION_COLUMNS = [("bleu", "BLEU"), ("sacrebleu", "SacreBLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
                       ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"), ("ter", "TER"), ("chrf", "chrF"),
-                      ("meteor", "METEOR")],
+                      ("meteor", "METEOR")]
+QUALITY_COLUMNS = {
+    "summarization": GENERATION_COLUMNS,
     "classification": [("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", "Recall (w)"),
                        ("f1", "F1 (w)")],
-    "language_modeling": [("perplexity", "Val perplexity"), ("perplexity_stride", "PPL stride")],
+    # perplexity on the test texts, then the scores of their generated continuations
+    "language_modeling": [("perplexity", "Test perplexity"), ("perplexity_stride", "PPL stride")] + GENERATION_COLUMNS,
 }
 NOTE_COLUMN = ("quality_note", "Quality")
 

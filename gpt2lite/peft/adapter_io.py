@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -42,15 +42,25 @@ def _other_methods():
     return {"PROMPT_TUNING": prompt, "PREFIX_TUNING": prefix, "IA3": ia3}
 
 
-def save_adapter(model: nn.Module, directory: str) -> None:
-    """Write the model's adapter (LoRA, prompt, prefix or IA3) so that peft.PeftModel.from_pretrained loads it."""
+def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the model's adapter (LoRA, prompt, prefix or IA3) so that peft.PeftModel.from_pretrained loads it.
+    base_model_name_or_path: the base model's hub id or directory, recorded in adapter_config.json."""
     if lora_layers(model):
-        return _save_lora(model, directory)
+        _save_lora(model, directory)
+        return _record_base_model(directory, base_model_name_or_path)
     for module in _other_methods().values():
         if module.is_applied(model):
-            return module.save_peft(model, directory)
+            module.save_peft(model, directory)
+            return _record_base_model(directory, base_model_name_or_path)
     raise ValueError("the model has no adapter to save; add one first (add_lora, add_soft_prompt, add_prefix, "
                      "add_ia3), or save the whole model with model.save_pretrained(directory)")
+
+
+def _record_base_model(directory: str, base_model_name_or_path: Optional[str]) -> None:
+    if base_model_name_or_path is not None:
+        path = os.path.join(directory, CONFIG_FILE)
+        config = {**json.load(open(path)), "base_model_name_or_path": base_model_name_or_path}
+        atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2)))
 
 
 def load_adapter(model: nn.Module, directory: str) -> nn.Module:
