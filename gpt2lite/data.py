@@ -138,9 +138,10 @@ def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
             raise DataError("classification has no offline fallback data: give --data.train or --data.dataset")
         splits = _hub_classification(config)
     sizes = ", ".join(f"{s} {len(getattr(splits, s))}" for s in HUB_SPLITS)
-    logger.info("data: %s (%s rows)", splits.description, sizes)
+    description = splits.description if splits.fallback else f"{splits.description} ({sizes} rows)"
+    logger.info("data: %s", description)
     return TextSplits(splits.train, splits.validation, splits.test, splits.source_column, splits.target_column,
-                      f"{splits.description} ({sizes} rows)", splits.fallback)
+                      description, splits.fallback)
 
 
 def _hub_classification(config: DataConfig):

@@ -170,6 +170,7 @@ class Task:
     train: Examples
     validation: Examples
     evaluate: Callable[[torch.nn.Module], Tuple[dict, List[dict]]]
+    test_size: int = 0  # test examples scored (LM: texts continued)
 
 
 def virtual_tokens(method) -> int:
@@ -246,7 +247,7 @@ def summarization_task(data: DataConfig, splits: TextSplits, tokenizer, max_leng
                        for row, reference, text in zip(usable, references, texts)]
         return generation_metrics(texts, references), predictions
 
-    return Task("summarization", train, validation, evaluate)
+    return Task("summarization", train, validation, evaluate, len(prompts))
 
 
 def language_modeling_task(data: DataConfig, splits: TextSplits, tokenizer, max_length: int, generation) -> Task:
@@ -283,7 +284,7 @@ def language_modeling_task(data: DataConfig, splits: TextSplits, tokenizer, max_
                        for (prompt, reference), text in zip(continuations, texts)]
         return {**scores, **generation_metrics(texts, references)}, predictions
 
-    return Task("language_modeling", train, validation, evaluate)
+    return Task("language_modeling", train, validation, evaluate, len(continuations))
 
 
 def _continuations(texts, tokenizer, max_length: int, max_new_tokens: int) -> List[Tuple[List[int], str]]:
@@ -318,7 +319,7 @@ def classification_task(data: DataConfig, splits: TextSplits, tokenizer, max_len
                        for row, p, t in zip(test.rows, predicted, true)]
         return classification_metrics(true, predicted, num_labels), predictions
 
-    return Task("classification", train, validation, evaluate)
+    return Task("classification", train, validation, evaluate, len(test))
 
 
 def generation_kwargs(generation, tokenizer=None) -> dict:
@@ -420,6 +421,11 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
         sampler = LengthGroupedSampler(task.train.lengths(), train_config.batch_size * train_config.grad_accum,
                                        seed=sampler_seed)
         summary = train(model, task.train, train_config, eval_dataset=task.validation, sampler=sampler)
+        if summary.get("best_val_loss") is None:  # stopped before any evaluation: the final model's loss
+            from .tasks.batching import collate
+
+            summary["best_val_loss"] = evaluate_loss(model, task.validation, collate,
+                                                     train_config.eval_batch_size or train_config.batch_size)
         if per_method_rss and peak_rss_mb() is not None:
             summary["peak_memory_mb"] = peak_rss_mb()  # this method's peak, not the whole process's
     quality, predictions = task.evaluate(model) if evaluate else ({}, [])

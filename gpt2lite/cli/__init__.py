@@ -7,12 +7,18 @@
 
 Every option is a field of a dataclass (DataConfig, MethodConfig, TrainConfig, GenerationConfig,
 SearchConfig) turned into a flag by jsonargparse; `--config FILE.yaml` reads the same options from YAML and
-later flags override it. The command line needs the "cli" extra (jsonargparse, PyYAML); the library does not.
+later flags override it. Only this package imports jsonargparse and PyYAML; the library works without them.
 """
 
 
-def main(argv=None):
-    """Parse argv (default sys.argv[1:]) and run the subcommand; returns what it returns."""
-    from .parser import run
+def run(argv=None):
+    """Parse argv (default sys.argv[1:]) and run the subcommand; returns what the subcommand returns."""
+    from .parser import run as run_parsed
 
-    return run(argv)
+    return run_parsed(argv)
+
+
+def main(argv=None) -> int:
+    """The console script: run the subcommand, exit status 0."""
+    run(argv)
+    return 0

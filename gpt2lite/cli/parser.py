@@ -66,7 +66,8 @@ def _require_cli_extra():
         import jsonargparse  # noqa: F401
         import yaml  # noqa: F401
     except ImportError as error:
-        sys.exit(f"the gpt2lite command line needs the 'cli' extra: pip install 'gpt2lite[cli]' ({error})")
+        sys.exit(f"the gpt2lite command line needs jsonargparse and PyYAML: pip install 'jsonargparse[signatures]' "
+                 f"pyyaml ({error})")
 
 
 def run(argv=None):

@@ -78,7 +78,7 @@ def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods:
     context = base.model.config.n_positions - max([virtual_tokens(m) for m in methods] or [0])
     task = build_task(data, splits, Tokenizer(), context, generation)
     notes = [f"model: {base.description}", f"data: {splits.description}",
-             f"examples: {len(task.train)} train, {len(task.validation)} validation"]
+             f"examples: {len(task.train)} train, {len(task.validation)} validation, {task.test_size} test"]
     return Setup(base, reference, task, data, notes)
 
 
@@ -174,7 +174,7 @@ def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchCon
         result = run_method(run.name, method, setup.base, trial_task, trial_config, sampler_seed=config.seed,
                             evaluate=False)
         value = result.row["best_val_loss"]
-        print(f"    {run.name} trial {os.path.basename(trial_dir)}: {params} -> val loss {value:.4f}", flush=True)
+        print(f"    {run.name} trial {os.path.basename(trial_dir)}: {params} -> val loss {value}", flush=True)
         if value is not None and value < best.get("value", float("inf")):
             best.update(value=value, result=result)
         return value
