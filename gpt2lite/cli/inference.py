@@ -1,8 +1,9 @@
 """`gpt2lite generate`: prompts in, predictions out, from a fine-tuned model or adapter.
 
-A prompt is wrapped as the run that trained the model wrapped its inputs: finetune writes its options to
-config.yaml beside adapter/ and model/, and generate reads data.template and data.input_column from there
-unless --template / --column are given.
+A prompt is built as the run that trained the model built its inputs: finetune writes its options to
+config.yaml beside adapter/ and model/, and generate reads data.template, data.input_column and
+data.max_length from there unless --template / --column are given; so the test sources of a run give
+exactly the run's predictions.jsonl.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from typing import List, Optional
 
 import torch
 
+from ..data import DEFAULT_COLUMNS
 from ..experiment import generate_texts
-from ..tasks import DEFAULT_TEMPLATE, load_table
+from ..tasks import DEFAULT_TEMPLATE, build_generation_prompts, load_table
 from ..tasks.loading import as_list, require_columns
-from ..tasks.summarization import PromptTemplate
 from ..tokenizer import Tokenizer
 from .pipeline import load_for_inference, write_jsonl
 
@@ -37,16 +38,20 @@ def run_config(directory: Optional[str]) -> dict:
     return {}
 
 
-def wrap(text: str, template: Optional[str]) -> str:
-    """The prompt for `text`: a summarization template's part before its target, or "{text}" filled in."""
-    if template is None:
-        return text
-    if "{summary}" in template:
-        parsed = PromptTemplate.parse(template)
-        return parsed.head + text.strip() + parsed.middle
-    if template.count("{text}") != 1:
+def prompt_ids(texts: List[str], template: Optional[str], tokenizer, max_length: int, max_new_tokens: int):
+    """Token ids of each prompt, built as training built them: a summarization template's part before the
+    target (source truncated to fit, as in tasks.summarization), or "{text}" filled in (its end kept)."""
+    if template is not None and "{summary}" in template:
+        rows = [{"source": text, "target": "-"} for text in texts]
+        prompts = build_generation_prompts(rows, tokenizer, "source", "target", template, max_length, max_new_tokens)
+        return [row["input_ids"] for row in prompts.rows]
+    if template is not None and template.count("{text}") != 1:
         raise ValueError(f"--template must hold '{{article}}' and '{{summary}}', or '{{text}}' once; got {template!r}")
-    return template.replace("{text}", text)
+    room = max_length - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {max_length} positions")
+    wrapped = texts if template is None else [template.replace("{text}", text) for text in texts]
+    return [tokenizer.encode(text)[-room:] for text in wrapped]
 
 
 def read_prompts(prompt: Optional[str], prompts: Optional[str], column: str) -> List[str]:
@@ -72,15 +77,13 @@ def generate_from_prompts(model, adapter, prompt, prompts, column, template, gen
     options = run_config(adapter or model).get("data") or {}
     if template is None and options:
         template = options.get("template") or (DEFAULT_TEMPLATE if options.get("task") == "summarization" else None)
-    column = column or options.get("input_column") or "prompt"
+    column = column or options.get("input_column") or DEFAULT_COLUMNS.get(options.get("task"), ("prompt",))[0]
     texts = read_prompts(prompt, prompts, column)
     loaded, description = load_for_inference(model, adapter, device)
     tokenizer = Tokenizer()
-    room = loaded.config.n_positions - getattr(loaded, "num_virtual_tokens", 0) - generation.max_new_tokens
-    if room < 1:
-        raise ValueError(f"max_new_tokens={generation.max_new_tokens} leaves no room for a prompt in the "
-                         f"context of {loaded.config.n_positions}")
-    ids = [tokenizer.encode(wrap(text, template))[-room:] for text in texts]  # keep each prompt's end
+    context = loaded.config.n_positions - getattr(loaded, "num_virtual_tokens", 0)
+    max_length = min(options.get("max_length") or context, context)
+    ids = prompt_ids(texts, template, tokenizer, max_length, generation.max_new_tokens)
     if hasattr(loaded, "score"):  # a classifier: the predicted class id
         predictions = _classify(loaded, ids, tokenizer, batch_size)
     else:

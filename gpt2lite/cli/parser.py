@@ -50,6 +50,7 @@ def build_parser():
 
     parser = ArgumentParser(prog="gpt2lite", description=__import__("gpt2lite.cli").cli.__doc__.split("\n\n")[0])
     subcommands = parser.add_subcommands(dest="command")
+    parser.commands = {}  # name -> its parser
     for name, function in COMMANDS.items():
         summary = inspect.getdoc(function).split("\n\n")[0]
         sub = ArgumentParser(prog=f"gpt2lite {name}", description=summary)
@@ -58,6 +59,7 @@ def build_parser():
         sub.add_function_arguments(function, fail_untyped=True)
         _document_fields(sub, function)
         subcommands.add_subcommand(name, sub, help=summary)
+        parser.commands[name] = sub
     return parser
 
 
@@ -82,11 +84,10 @@ def run(argv=None):
     if name in WRITES_RUN_CONFIG:  # the options of the run, to repeat it with --config and for `generate`
         directory = options[WRITES_RUN_CONFIG[name]]
         os.makedirs(directory, exist_ok=True)
-        subparser = parser._subcommands_action._name_parser_map[name]
         options_only = options.clone()
         options_only.pop("config", None)
         with open(os.path.join(directory, "config.yaml"), "w") as f:
-            f.write(subparser.dump(options_only, skip_none=False))
+            f.write(parser.commands[name].dump(options_only))
     kwargs = dict(parser.instantiate(config)[name])
     kwargs.pop("config", None)
     return COMMANDS[name](**kwargs)
