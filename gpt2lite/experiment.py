@@ -269,6 +269,9 @@ def language_modeling_task(data: DataConfig, splits: TextSplits, tokenizer, max_
     test_texts = test_texts[:data.max_test_samples]
     stream = tokenize_stream(test_texts, tokenizer)
     stride = data.stride or max(1, max_length // 2)
+    if stride > max_length:
+        raise DataError(f"data.stride={stride} exceeds the perplexity window of {max_length} tokens (data.max_length "
+                        "or the model's context); use a stride <= the window")
     continuations = _continuations(test_texts, tokenizer, max_length, generation.max_new_tokens)
 
     def evaluate(model):
