@@ -40,7 +40,7 @@ class DataConfig:
     dataset_config: Optional[str] = None  # its configuration, e.g. "3.0.0"
     input_column: Optional[str] = None  # the text read; None: "article" (summarization), else "text"
     target_column: Optional[str] = None  # the summary or the class id; None: "highlights" / "label"
-    template: Optional[str] = None  # "{article}...{summary}" (summarization; None: tasks.DEFAULT_TEMPLATE), else "...{text}..."
+    template: Optional[str] = None  # summarization: "{article}...{summary}" (None: DEFAULT_TEMPLATE); else "{text}"
     max_length: Optional[int] = None  # tokens per example (LM: per block); None: the model's context
     num_labels: Optional[int] = None  # classification; None: 1 + the largest label in the train split
     validation_fraction: float = 0.1  # of the train file, when validation has no file of its own

@@ -249,12 +249,13 @@ def test_full_finetuning_writes_a_checkpoint_transformers_loads_with_its_tokeniz
         assert tokenizer.decode(tokenizer.encode(text)) == text
     assert tokenizer.eos_token_id == 50256
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "model").eval()
-    assert not torch.equal(model.transformer.h[0].attn.c_attn.weight,
-                           transformers.GPT2LMHeadModel.from_pretrained(tiny_hf_dir).transformer.h[0].attn.c_attn.weight)
+    base = transformers.GPT2LMHeadModel.from_pretrained(tiny_hf_dir)
+    assert not torch.equal(model.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
     for prediction in (json.loads(line) for line in open(out / "predictions.jsonl")):
         prompt = tokenizer(prediction["source"] + "\nTL;DR:", return_tensors="pt")
-        new = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=50256)[0, prompt.input_ids.shape[1]:]
-        new = new.tolist()[:new.tolist().index(50256)] if 50256 in new.tolist() else new.tolist()
+        output = model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=50256)
+        new = output[0, prompt.input_ids.shape[1]:].tolist()
+        new = new[:new.index(50256)] if 50256 in new else new
         assert tokenizer.decode(new).strip() == prediction["prediction"]
 
 

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 
-import pytest
 
 from conftest import REPO_ROOT
 
@@ -15,7 +14,7 @@ def load_example(name):
     return module
 
 
-def test_every_example_is_flagless(tmp_path):
+def test_every_example_is_flagless():
     """The examples define no flags of their own: the command line's are the only ones."""
     for path in (REPO_ROOT / "examples").glob("*.py"):
         assert "argparse" not in path.read_text() and "add_argument" not in path.read_text(), path

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -32,8 +31,6 @@ from ..tasks import subset
 from ..tokenizer import Tokenizer
 from ..train import TrainConfig
 from .tokenizer_files import save_tokenizer_files
-
-logger = logging.getLogger(__name__)
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt", "prefix", "ia3")
 
