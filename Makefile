@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/lora_summarize.py --output-dir runs/demo
+	$(PY) -m gpt2lite compare --config recipes/demo.yaml   # writes runs/demo/
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -20,7 +20,11 @@ setup(
         "safetensors>=0.4",
         "huggingface_hub>=0.23",
         "tqdm",
+        # the `gpt2lite` command line (imported only by gpt2lite.cli, never by the library)
+        "jsonargparse[signatures]>=4.30",
+        "pyyaml>=6",
     ],
+    entry_points={"console_scripts": ["gpt2lite = gpt2lite.cli:main"]},
     extras_require={
         # transformers and peft are reference oracles for the tests, never imported by the library
         "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2", "nbclient>=0.10", "nbformat>=5.9",

@@ -1,11 +1,12 @@
 """One fine-tuning method on one task, end to end: base model, method, training, evaluation, report row.
 
-The examples are built from these steps:
+The command line (gpt2lite.cli) is built from these steps:
 
-    base = load_base_model("gpt2")                     # pretrained, or a loud random-init fallback
-    task = summarization_task(splits, tokenizer, ...)  # tokenized examples + how to score a model
-    row, model, summary = run_method("lora", {"name": "lora", "rank": 8}, base, task, TrainConfig(...))
-    write_report([row, ...], output_dir, task.kind, random_init=base.random_init)
+    base = load_base_model("gpt2")                          # pretrained, or a loud random-init fallback
+    splits = load_splits(DataConfig(train="my.jsonl"))      # gpt2lite.data: three disjoint splits
+    task = build_task(data, splits, tokenizer, context)     # tokenized examples + how to score a model
+    result = run_method("lora", {"name": "lora", "rank": 8}, base, task, TrainConfig(...))
+    write_report([result.row, ...], output_dir, task.kind, random_init=base.random_init)
 
 The fallbacks never hide: when pretrained weights or the hub dataset cannot be had, the returned objects
 say so in `description`, `random_init` / `fallback` are set, and a warning is logged.
@@ -16,16 +17,17 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .config import GPT2Config
+from .data import DataConfig
 from .model import GPT2, GPT2ForSequenceClassification, count_parameters
-from .tasks import (DataError, Examples, LengthGroupedSampler, build_classification, build_generation_prompts,
-                    build_lm_blocks, build_summarization, docstring_corpus, generate_summaries, load_table,
-                    predict_classes, sliding_window_perplexity, subset, tokenize_stream)
+from .tasks import (DEFAULT_TEMPLATE, DataError, Examples, LengthGroupedSampler, build_classification,
+                    build_generation_prompts, build_lm_blocks, build_summarization, check_labels, docstring_corpus,
+                    load_table, predict_classes, sliding_window_perplexity, subset, tokenize_stream)
 from .tasks.loading import as_list, hub_reachable, require_columns
 
 logger = logging.getLogger(__name__)
@@ -130,42 +132,6 @@ def summarization_splits(dataset: Optional[str] = "cnn_dailymail", config_name: 
     return TextSplits(corpus["train"], corpus["validation"], corpus["test"], "source", "target", description, True)
 
 
-@dataclass
-class Task:
-    """Tokenized training and validation examples, and `evaluate(model) -> quality scores`."""
-
-    kind: str  # "summarization" | "classification" | "language_modeling"
-    train: Examples
-    validation: Examples
-    evaluate: Callable[[torch.nn.Module], dict]
-
-
-def summarization_task(splits: TextSplits, tokenizer, max_length: int, data_fraction: float = 1.0,
-                       max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = 200,
-                       eval_generate_samples: int = 50, max_new_tokens: int = 48, template: Optional[str] = None,
-                       seed: int = 0) -> Task:
-    """Summarization examples (loss on the summary only) and a ROUGE/BLEU/... evaluation by greedy
-    generation on eval_generate_samples test examples. max_length: the context left for real tokens
-    (n_positions minus any soft-prompt tokens)."""
-    from .metrics import generation_metrics
-    from .tasks.summarization import DEFAULT_TEMPLATE
-
-    template = template or DEFAULT_TEMPLATE
-    columns = dict(source_column=splits.source_column, target_column=splits.target_column, template=template)
-    train = build_summarization(subset(splits.train, data_fraction, max_train_samples, seed), tokenizer,
-                                max_length=max_length, **columns)
-    validation = build_summarization(subset(splits.validation, 1.0, max_eval_samples, seed), tokenizer,
-                                     max_length=max_length, **columns)
-    prompts = build_generation_prompts(subset(splits.test, 1.0, eval_generate_samples, seed), tokenizer,
-                                       max_length=max_length, max_new_tokens=max_new_tokens, **columns)
-
-    def evaluate(model):
-        predictions = generate_summaries(model, prompts, tokenizer, max_new_tokens=max_new_tokens)
-        return generation_metrics(predictions, [row["reference"] for row in prompts.rows])
-
-    return Task("summarization", train, validation, evaluate)
-
-
 def lm_texts(dataset: Optional[str] = "wikitext", config_name: Optional[str] = "wikitext-2-raw-v1",
              data_files=None, text_column: str = "text", allow_fallback: bool = True,
              fallback_examples: Optional[int] = None) -> TextSplits:
@@ -195,45 +161,210 @@ def _column(table, column: str) -> list:
     return as_list(table, column)
 
 
-def language_modeling_task(splits: TextSplits, tokenizer, block_size: int, stride: Optional[int] = None,
-                           max_train_blocks: Optional[int] = None, max_eval_blocks: Optional[int] = 50,
-                           seed: int = 0) -> Task:
-    """Blocks of block_size tokens for training and validation loss, and a sliding-window perplexity
-    (window block_size, the given stride, default block_size // 2) over the validation stream."""
-    train = build_lm_blocks(splits.train, tokenizer, block_size)
-    validation = build_lm_blocks(splits.validation, tokenizer, block_size)
-    if max_train_blocks is not None:
-        train.rows = subset(train.rows, 1.0, max_train_blocks, seed)
-    if max_eval_blocks is not None:
-        validation.rows = validation.rows[:max_eval_blocks]
-    stream = tokenize_stream(splits.validation, tokenizer)[:block_size * (max_eval_blocks or 10**9)]
-    stride = stride or max(1, block_size // 2)
+@dataclass
+class Task:
+    """Tokenized training and validation examples, and `evaluate(model) -> (scores, predictions)`, scored
+    on the test split; predictions are {"source", "reference", "prediction"} rows (none for perplexity)."""
+
+    kind: str  # "summarization" | "classification" | "language_modeling"
+    train: Examples
+    validation: Examples
+    evaluate: Callable[[torch.nn.Module], Tuple[dict, List[dict]]]
+    test_size: int = 0  # test examples scored (LM: texts continued)
+
+
+def virtual_tokens(method) -> int:
+    """Context positions a method's virtual tokens (prompt tuning, prefixes) take from every example."""
+    from .peft import MethodConfig
+
+    if method is None:
+        return 0
+    method = MethodConfig.from_value(method)
+    return method.n_tokens if method.name in ("prompt", "prefix") else 0
+
+
+def build_task(data: DataConfig, splits: TextSplits, tokenizer, context: int, generation=None) -> Task:
+    """The task `data.task` on `splits`, its examples cut to min(data.max_length, context) tokens.
+    context: the model's n_positions less the virtual tokens of the methods that will run (virtual_tokens).
+    generation: a GenerationConfig for the test generations (default: GenerationConfig())."""
+    from .generate import GenerationConfig
+
+    generation = generation or GenerationConfig()
+    max_length = min(data.max_length or context, context)
+    if data.task == "summarization":
+        return summarization_task(data, splits, tokenizer, max_length, generation)
+    if data.task == "language_modeling":
+        return language_modeling_task(data, splits, tokenizer, max_length, generation)
+    return classification_task(data, splits, tokenizer, max_length, data.num_labels or infer_num_labels(splits))
+
+
+def infer_num_labels(splits: TextSplits) -> int:
+    """1 + the largest class id of the train split (whose labels are checked on the way)."""
+    return 1 + max(check_labels(as_list(splits.train, splits.target_column)))
+
+
+def _rows(table) -> List[dict]:
+    return table if isinstance(table, list) else table.to_list()
+
+
+def _capped(table, cap: Optional[int], seed: int):
+    return subset(table, 1.0, cap, seed)
+
+
+def _templated(table, column: str, template: Optional[str]):
+    """The table with `column` put through a "{text}" template (the table itself when template is None)."""
+    if template is None:
+        return table
+    if template.count("{text}") != 1:
+        raise DataError(f"data.template must hold '{{text}}' once for this task, got {template!r}")
+    if not isinstance(table, list):
+        require_columns(table, [column])
+    return [{**row, column: template.replace("{text}", row[column] if isinstance(row[column], str) else "")}
+            for row in _rows(table)]
+
+
+def summarization_task(data: DataConfig, splits: TextSplits, tokenizer, max_length: int, generation) -> Task:
+    """Summarization examples (loss on the summary only) and ROUGE/BLEU/... of generated test summaries."""
+    from .metrics import generation_metrics
+
+    source, target = splits.source_column, splits.target_column
+    columns = dict(source_column=source, target_column=target, template=data.template or DEFAULT_TEMPLATE)
+    train = build_summarization(_capped(splits.train, data.max_train_samples, data.seed), tokenizer,
+                                max_length=max_length, **columns)
+    validation = build_summarization(_capped(splits.validation, data.max_validation_samples, data.seed), tokenizer,
+                                     max_length=max_length, **columns)
+    test = _capped(splits.test, data.max_test_samples, data.seed)
+    if not isinstance(test, list):
+        require_columns(test, [source, target], "the test split")
+    usable = [row for row in _rows(test) if all(isinstance(row[c], str) and row[c].strip() for c in (source, target))]
+    prompts = build_generation_prompts(usable, tokenizer, max_length=max_length,
+                                       max_new_tokens=generation.max_new_tokens, **columns)
 
     def evaluate(model):
-        result = sliding_window_perplexity(model, stream, window=block_size, stride=stride)
-        return {"perplexity": result.perplexity, "perplexity_loss": result.loss,
-                "perplexity_stride": result.stride, "perplexity_window": result.window,
-                "perplexity_tokens": result.scored_tokens}
+        texts = generate_texts(model, [row["input_ids"] for row in prompts.rows], tokenizer, generation)
+        references = [row["reference"] for row in prompts.rows]
+        predictions = [{"source": row[source], "reference": reference, "prediction": text}
+                       for row, reference, text in zip(usable, references, texts)]
+        return generation_metrics(texts, references), predictions
 
-    return Task("language_modeling", train, validation, evaluate)
+    return Task("summarization", train, validation, evaluate, len(prompts))
 
 
-def classification_task(train_table, validation_table, tokenizer, num_labels: int, max_length: int = 128,
-                        text_column: str = "text", label_column: str = "label", data_fraction: float = 1.0,
-                        max_train_samples: Optional[int] = None, max_eval_samples: Optional[int] = None,
-                        seed: int = 0) -> Task:
-    """Classification examples and an accuracy / weighted P, R, F1 evaluation on the validation set."""
+def language_modeling_task(data: DataConfig, splits: TextSplits, tokenizer, max_length: int, generation) -> Task:
+    """Blocks of max_length tokens for training and validation loss; on the test texts (the first
+    data.max_test_samples) a sliding-window perplexity (stride data.stride, default max_length // 2) and
+    the generation scores of each text's last max_new_tokens tokens continued from the text before them."""
+    from .metrics import generation_metrics
+
+    column = splits.source_column
+    train_texts, validation_texts, test_texts = (
+        _column(_templated(table, column, data.template), column) for table in (splits.train, splits.validation,
+                                                                                 splits.test))
+    train = build_lm_blocks(train_texts, tokenizer, max_length)
+    validation = build_lm_blocks(validation_texts, tokenizer, max_length)
+    if data.max_train_samples is not None:
+        train.rows = subset(train.rows, 1.0, data.max_train_samples, data.seed)
+    if data.max_validation_samples is not None:
+        validation.rows = validation.rows[:data.max_validation_samples]
+    test_texts = test_texts[:data.max_test_samples]
+    stream = tokenize_stream(test_texts, tokenizer)
+    stride = data.stride or max(1, max_length // 2)
+    if stride > max_length:
+        raise DataError(f"data.stride={stride} exceeds the perplexity window of {max_length} tokens (data.max_length "
+                        "or the model's context); use a stride <= the window")
+    continuations = _continuations(test_texts, tokenizer, max_length, generation.max_new_tokens)
+
+    def evaluate(model):
+        result = sliding_window_perplexity(model, stream, window=max_length, stride=stride)
+        scores = {"perplexity": result.perplexity, "perplexity_loss": result.loss,
+                  "perplexity_stride": result.stride, "perplexity_window": result.window,
+                  "perplexity_tokens": result.scored_tokens}
+        if not continuations:
+            return scores, []
+        texts = generate_texts(model, [prompt for prompt, _ in continuations], tokenizer, generation)
+        references = [reference for _, reference in continuations]
+        predictions = [{"source": tokenizer.decode(prompt), "reference": reference, "prediction": text}
+                       for (prompt, reference), text in zip(continuations, texts)]
+        return {**scores, **generation_metrics(texts, references)}, predictions
+
+    return Task("language_modeling", train, validation, evaluate, len(continuations))
+
+
+def _continuations(texts, tokenizer, max_length: int, max_new_tokens: int) -> List[Tuple[List[int], str]]:
+    """(prompt ids, reference text) of each text with at least 2 x max_new_tokens tokens: the reference is
+    its last max_new_tokens tokens, the prompt the (at most max_length - max_new_tokens) tokens before."""
+    pairs = []
+    for text in texts:
+        ids = tokenizer.encode(text, allow_special=False) if isinstance(text, str) else []
+        if len(ids) >= 2 * max_new_tokens and max_length > max_new_tokens:
+            prompt = ids[:-max_new_tokens][-(max_length - max_new_tokens):]
+            pairs.append((prompt, tokenizer.decode(ids[-max_new_tokens:]).strip()))
+    if not pairs:
+        logger.warning("language modelling: no test text has %d tokens to continue; no generation scores",
+                       2 * max_new_tokens)
+    return pairs
+
+
+def classification_task(data: DataConfig, splits: TextSplits, tokenizer, max_length: int, num_labels: int) -> Task:
+    """Classification examples, and accuracy / weighted P, R, F1 on the test split."""
     from .metrics import classification_metrics
 
-    columns = dict(text_column=text_column, label_column=label_column, num_labels=num_labels, max_length=max_length)
-    train = build_classification(subset(train_table, data_fraction, max_train_samples, seed), tokenizer, **columns)
-    validation = build_classification(subset(validation_table, 1.0, max_eval_samples, seed), tokenizer, **columns)
+    text, label = splits.source_column, splits.target_column
+    columns = dict(text_column=text, label_column=label, num_labels=num_labels, max_length=max_length)
+    train, validation, test = (
+        build_classification(_templated(_capped(table, cap, data.seed), text, data.template), tokenizer, **columns)
+        for table, cap in ((splits.train, data.max_train_samples), (splits.validation, data.max_validation_samples),
+                           (splits.test, data.max_test_samples)))
 
     def evaluate(model):
-        predicted, true = predict_classes(model, validation, pad_id=tokenizer.pad_id)
-        return classification_metrics(true, predicted, num_labels)
+        predicted, true = predict_classes(model, test, pad_id=tokenizer.pad_id)
+        predictions = [{"source": tokenizer.decode(row["input_ids"]), "reference": int(t), "prediction": int(p)}
+                       for row, p, t in zip(test.rows, predicted, true)]
+        return classification_metrics(true, predicted, num_labels), predictions
 
-    return Task("classification", train, validation, evaluate)
+    return Task("classification", train, validation, evaluate, len(test))
+
+
+def generation_kwargs(generation, tokenizer=None) -> dict:
+    """generate()'s keyword arguments from a GenerationConfig: the fields generate() accepts (and the
+    tokenizer, which stop strings need). A field it does not accept must keep its default."""
+    import dataclasses
+    import inspect
+
+    from .generate import generate
+
+    accepted = inspect.signature(generate).parameters
+    kwargs = {}
+    for field in dataclasses.fields(generation):
+        value = getattr(generation, field.name)
+        if field.name in accepted:
+            kwargs[field.name] = value
+        elif value != field.default:
+            raise ValueError(f"generation.{field.name}={value!r} is not supported by this gpt2lite's generate(); "
+                             f"leave it at {field.default!r}")
+    if "tokenizer" in accepted and tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
+    return kwargs
+
+
+@torch.no_grad()
+def generate_texts(model, prompts: Sequence[Sequence[int]], tokenizer, generation, batch_size: int = 8) -> List[str]:
+    """The continuation of each prompt (token ids) as text, cut at eos, in batches of left-padded prompts."""
+    from .generate import generate
+    from .tokenizer import pad_batch
+
+    kwargs = generation_kwargs(generation, tokenizer)
+    device = next(model.parameters()).device
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_id, "left")
+        new = generate(model, batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       **kwargs)
+        for ids in new.tolist():
+            if generation.eos_id is not None and generation.eos_id in ids:
+                ids = ids[:ids.index(generation.eos_id)]
+            texts.append(tokenizer.decode(ids).strip())
+    return texts
 
 
 def reset_peak_rss() -> bool:
@@ -259,10 +390,20 @@ def peak_rss_mb() -> Optional[float]:
     return None
 
 
+@dataclass
+class MethodResult:
+    """What run_method returns: the report row, the trained model, train()'s summary, the test predictions."""
+
+    row: dict
+    model: torch.nn.Module
+    summary: dict
+    predictions: List[dict] = field(default_factory=list)
+
+
 def run_method(label: str, method: Union["MethodConfig", dict, str, None], base: BaseModel, task: Task, train_config,
-               sampler_seed: int = 0):
+               sampler_seed: int = 0, evaluate: bool = True) -> MethodResult:
     """Train a deep copy of the base model with `method` (None: no fine-tuning, evaluation only) in
-    train_config.output_dir; return (report row, trained model, train() summary)."""
+    train_config.output_dir, then score it on the test split (evaluate=False: the row has no quality)."""
     from .peft import MethodConfig, apply
     from .report import method_row
     from .train import evaluate_loss, train
@@ -283,7 +424,13 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
         sampler = LengthGroupedSampler(task.train.lengths(), train_config.batch_size * train_config.grad_accum,
                                        seed=sampler_seed)
         summary = train(model, task.train, train_config, eval_dataset=task.validation, sampler=sampler)
+        if summary.get("best_val_loss") is None:  # stopped before any evaluation: the final model's loss
+            from .tasks.batching import collate
+
+            summary["best_val_loss"] = evaluate_loss(model, task.validation, collate,
+                                                     train_config.eval_batch_size or train_config.batch_size)
         if per_method_rss and peak_rss_mb() is not None:
             summary["peak_memory_mb"] = peak_rss_mb()  # this method's peak, not the whole process's
-    quality = task.evaluate(model)
-    return method_row(label, summary, model, quality, random_init=base.random_init), model, summary
+    quality, predictions = task.evaluate(model) if evaluate else ({}, [])
+    row = method_row(label, summary, model, quality, random_init=base.random_init)
+    return MethodResult(row, model, summary, predictions)

@@ -131,16 +131,18 @@ LOCAL_MODEL_HINT = ("GPT2.from_pretrained('/path/to/dir'), where the directory h
                     "model.safetensors (or pytorch_model.bin), e.g. one written by save_pretrained()")
 
 
-def resolve(name_or_path: str, allow_patterns=MODEL_PATTERNS, local_hint: str = LOCAL_MODEL_HINT) -> str:
+def resolve(name_or_path: str, allow_patterns=MODEL_PATTERNS, local_hint: str = LOCAL_MODEL_HINT,
+            what: str = "directory") -> str:
     """A local directory as it is; a hub id downloaded (the files matching allow_patterns) into the HF cache.
-    local_hint: how to do without the network, for the error raised when the download fails."""
+    local_hint: how to do without the network, for the error raised when the download fails; what: the
+    kind of directory, for the error raised when a local path does not exist."""
     if os.path.isdir(name_or_path):
         return name_or_path
     if os.path.exists(name_or_path):
         raise CheckpointError(f"{name_or_path!r} is a file; pass the directory that holds config.json and the weights")
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
-        raise CheckpointError(f"no directory {name_or_path!r}")
+        raise CheckpointError(f"no {what} {name_or_path!r}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -366,6 +368,15 @@ def atomic_write(path: str, write: Callable[[str], None]):
             raise OSError(errno.ENOSPC, f"the disk is full (no space left on the device) while writing {path}; "
                                         f"{kept}. Free some space and save again", path) from error
         raise
+
+
+def atomic_write_text(path: str, text: str, newline: Optional[str] = None):
+    """Write `text` (UTF-8) to `path` atomically, closing the file before it is renamed into place."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
+            f.write(text)
+
+    atomic_write(path, write)
 
 
 def _out_of_space(error: Exception, directory: str) -> bool:

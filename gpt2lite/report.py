@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .hf import atomic_write
+from .hf import atomic_write, atomic_write_text
 from .model import count_parameters
 
 logger = logging.getLogger(__name__)
@@ -43,13 +43,15 @@ EFFICIENCY_COLUMNS = [
     ("best_train_loss", "Best train loss"),
     ("best_val_loss", "Best val loss"),
 ]
-QUALITY_COLUMNS = {
-    "summarization": [("bleu", "BLEU"), ("sacrebleu", "SacreBLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
+GENERATION_COLUMNS = [("bleu", "BLEU"), ("sacrebleu", "SacreBLEU"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
                       ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"), ("ter", "TER"), ("chrf", "chrF"),
-                      ("meteor", "METEOR")],
+                      ("meteor", "METEOR")]
+QUALITY_COLUMNS = {
+    "summarization": GENERATION_COLUMNS,
     "classification": [("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", "Recall (w)"),
                        ("f1", "F1 (w)")],
-    "language_modeling": [("perplexity", "Val perplexity"), ("perplexity_stride", "PPL stride")],
+    # perplexity on the test texts, then the scores of their generated continuations
+    "language_modeling": [("perplexity", "Test perplexity"), ("perplexity_stride", "PPL stride")] + GENERATION_COLUMNS,
 }
 NOTE_COLUMN = ("quality_note", "Quality")
 
@@ -150,13 +152,13 @@ def write_report(rows: Sequence[dict], output_dir: str, task: str, title: str = 
     os.makedirs(output_dir, exist_ok=True)
     paths = {name: os.path.join(output_dir, f"report.{name}") for name in ("md", "csv", "json")}
     markdown = to_markdown(rows, task, title, random_init, notes)
-    atomic_write(paths["md"], lambda tmp: open(tmp, "w").write(markdown))
+    atomic_write_text(paths["md"], markdown)
     csv_text = to_csv(rows, task)
-    atomic_write(paths["csv"], lambda tmp: open(tmp, "w", newline="").write(csv_text))
+    atomic_write_text(paths["csv"], csv_text, newline="")
     document = {"title": title, "task": task, "random_init": random_init,
                 "quality_note": RANDOM_INIT_NOTE if random_init else None, "notes": list(notes),
                 "columns": [key for key, _ in columns_for(task)], "rows": [_jsonable(row) for row in rows]}
-    atomic_write(paths["json"], lambda tmp: open(tmp, "w").write(json.dumps(document, indent=1)))
+    atomic_write_text(paths["json"], json.dumps(document, indent=1))
     if plots:
         histories = {row["method"]: row["history"] for row in rows if row.get("history")}
         paths.update(plot_losses(histories, output_dir, random_init))

@@ -1,7 +1,7 @@
 """Hyperparameter search with Optuna (an optional extra: pip install optuna, or gpt2lite[search]).
 
-    result = run_search(objective, n_trials=8, output_dir="runs/search")
-    # objective(params, trial_dir) -> validation loss; params holds lr, rank, alpha, dropout, epochs
+    result = run_search(objective, n_trials=8, output_dir="runs/search", space=space_for("lora"))
+    # objective(params, trial_dir) -> validation loss; params holds lr, epochs (+ rank, alpha, dropout for LoRA)
 
 Each trial works in output_dir/trial_<n>/; output_dir/search.json records every trial and the best one.
 """
@@ -12,9 +12,10 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-from .hf import atomic_write
+from .hf import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,28 @@ DEFAULT_SPACE = {
     "dropout": ("float", 0.0, 0.2),
     "epochs": ("int", 1, 3),
 }
+LORA_OPTIONS = ("rank", "alpha", "dropout")  # searched for LoRA and QLoRA only
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """A hyperparameter search of each fine-tuning run (off when trials == 0)."""
+
+    trials: int = 0  # Optuna TPE trials per method, each in <output>/<method>/trial_<n>/; 0: no search
+    retrain_best_model: bool = False  # then train the best configuration again on the whole training split
+    train_samples: Optional[int] = None  # examples each trial trains on (None: data.max_train_samples)
+
+    def __post_init__(self):
+        if self.trials < 0:
+            raise ValueError(f"search.trials must be >= 0, got {self.trials}")
+        if self.train_samples is not None and self.train_samples < 1:
+            raise ValueError(f"search.train_samples must be None or >= 1, got {self.train_samples}")
+
+
+def space_for(method_name: str) -> Dict[str, tuple]:
+    """The search space of one method: lr and epochs, and LoRA's rank, alpha and dropout for (q)lora."""
+    lora = method_name in ("lora", "qlora")
+    return {name: spec for name, spec in DEFAULT_SPACE.items() if lora or name not in LORA_OPTIONS}
 
 
 def require_optuna():
@@ -84,6 +107,6 @@ def run_search(objective: Callable[[dict, str], float], n_trials: int, output_di
         raise RuntimeError(f"all {n_trials} trials failed; see the log and {output_dir}/trial_<n>/")
     best = study.best_trial
     result = {"best_trial": best.number, "best_params": best.params, "best_value": best.value, "trials": trials}
-    atomic_write(os.path.join(output_dir, "search.json"), lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1)))
+    atomic_write_text(os.path.join(output_dir, "search.json"), json.dumps(result, indent=1))
     logger.info("search: best trial %d, val loss %.4f, params %s", best.number, best.value, best.params)
     return result

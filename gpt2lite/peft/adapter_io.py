@@ -22,12 +22,12 @@ import json
 import logging
 import os
 import re
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
-from ..hf import CheckpointError, atomic_write, resolve, stores_transposed
+from ..hf import CheckpointError, atomic_write, atomic_write_text, resolve, stores_transposed
 from .freeze import is_classifier
 from .inject import unchanged_on_error
 from .lora import LoRALinear, add_lora, lora_biases, lora_layers
@@ -49,15 +49,26 @@ def _other_methods():
     return {"PROMPT_TUNING": prompt, "PREFIX_TUNING": prefix, "IA3": ia3}
 
 
-def save_adapter(model: nn.Module, directory: str) -> None:
-    """Write the model's adapter (LoRA, prompt, prefix or IA3) so that peft.PeftModel.from_pretrained loads it."""
+def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the model's adapter (LoRA, prompt, prefix or IA3) so that peft.PeftModel.from_pretrained loads it.
+    base_model_name_or_path: the base model's hub id or directory, recorded in adapter_config.json."""
     if lora_layers(model):
-        return _save_lora(model, directory)
+        _save_lora(model, directory)
+        return _record_base_model(directory, base_model_name_or_path)
     for module in _other_methods().values():
         if module.is_applied(model):
-            return module.save_peft(model, directory)
+            module.save_peft(model, directory)
+            return _record_base_model(directory, base_model_name_or_path)
     raise ValueError("the model has no adapter to save; add one first (add_lora, add_soft_prompt, add_prefix, "
                      "add_ia3), or save the whole model with model.save_pretrained(directory)")
+
+
+def _record_base_model(directory: str, base_model_name_or_path: Optional[str]) -> None:
+    if base_model_name_or_path is not None:
+        path = os.path.join(directory, CONFIG_FILE)
+        with open(path) as f:
+            config = {**json.load(f), "base_model_name_or_path": base_model_name_or_path}
+        atomic_write_text(path, json.dumps(config, indent=2))
 
 
 def load_adapter(model: nn.Module, directory: str) -> nn.Module:
@@ -71,8 +82,7 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     for a missing, malformed or truncated file and for an adapter made for another base size, rank or
     method; the model is then unchanged.
     """
-    directory = resolve(directory, allow_patterns=(CONFIG_FILE, WEIGHTS_FILE, BIN_WEIGHTS_FILE),
-                        local_hint="load_adapter(model, '/path/to/dir'), a directory written by save_adapter()")
+    directory = resolve_adapter(directory)
     config = read_adapter_config(directory)
     peft_type = config["peft_type"]
     if peft_type == "LORA":
@@ -86,6 +96,13 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
 
 
 # -------------------------------------------------------------------------------------------- files
+
+
+def resolve_adapter(name_or_path: str) -> str:
+    """An adapter directory as it is; a hub id ("user/adapter") downloaded into the Hugging Face cache."""
+    return resolve(name_or_path, allow_patterns=(CONFIG_FILE, WEIGHTS_FILE, BIN_WEIGHTS_FILE),
+                   local_hint="load_adapter(model, '/path/to/dir'), a directory written by save_adapter()",
+                   what="adapter directory")
 
 
 def read_adapter_config(directory: str) -> dict:

@@ -1,0 +1,24 @@
+"""The `gpt2lite` command line (also `python -m gpt2lite`): finetune, compare, evaluate, generate, merge.
+
+    gpt2lite finetune --config recipes/demo.yaml
+    gpt2lite finetune --data.train my.jsonl --data.input_column document --data.target_column summary \\
+        --method.name lora --method.rank 16 --train.epochs 3 --train.output_dir runs/mine
+    gpt2lite generate --adapter runs/mine/adapter --prompts new_articles.jsonl --generation.num_beams 4
+
+Every option is a field of a dataclass (DataConfig, MethodConfig, TrainConfig, GenerationConfig,
+SearchConfig) turned into a flag by jsonargparse; `--config FILE.yaml` reads the same options from YAML and
+later flags override it. Only this package imports jsonargparse and PyYAML; the library works without them.
+"""
+
+
+def run(argv=None):
+    """Parse argv (default sys.argv[1:]) and run the subcommand; returns what the subcommand returns."""
+    from .parser import run as run_parsed
+
+    return run_parsed(argv)
+
+
+def main(argv=None) -> int:
+    """The console script: run the subcommand, exit status 0."""
+    run(argv)
+    return 0

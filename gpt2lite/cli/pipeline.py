@@ -1,0 +1,240 @@
+"""The work behind the subcommands: base model and data, one run per method, the files a run leaves.
+
+A fine-tuning run writes, in its output directory, beside train()'s files (log.jsonl, checkpoint.pt, ...):
+    adapter/            adapter methods (lora, qlora, prompt, prefix, ia3): peft's format, with
+                        base_model_name_or_path set (peft.PeftModel.from_pretrained and load_adapter read it)
+    model/              methods that change the base weights (full, last_n, bitfit, frozen): a Hugging Face
+                        checkpoint with GPT-2's tokenizer files (transformers.AutoTokenizer loads it offline)
+    predictions.jsonl   one {"source", "reference", "prediction"} per test example
+When the base model cannot be named (the offline random-init fallback), it is written to base_model/ and
+the adapters point there, so that they can still be loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from ..data import DataConfig, load_splits
+from ..experiment import BaseModel, build_task, infer_num_labels, load_base_model, run_method, virtual_tokens
+from ..generate import GenerationConfig
+from ..hf import atomic_write_text
+from ..peft import MethodConfig
+from ..search import SearchConfig, run_search, space_for
+from ..tasks import subset
+from ..tokenizer import Tokenizer
+from ..train import TrainConfig
+from .tokenizer_files import save_tokenizer_files
+
+ADAPTER_METHODS = ("lora", "qlora", "prompt", "prefix", "ia3")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row of a comparison: a method (None: no fine-tuning) and what differs from the shared settings."""
+
+    method: Optional[MethodConfig] = None  # None: the base model, evaluated without training
+    label: Optional[str] = None  # the row's name and output subdirectory; None: the method's name or "none"
+    lr: Optional[float] = None  # None: train.lr
+    merged_row: bool = False  # LoRA: also score the adapter merged into the weights (it must score the same)
+
+    @property
+    def name(self) -> str:
+        return self.label or (self.method.name if self.method else "none")
+
+
+@dataclass
+class Setup:
+    """What every run of one command shares."""
+
+    base: BaseModel
+    base_reference: Optional[str]  # hub id or directory of the base weights (None: not written yet)
+    task: object
+    data: DataConfig
+    notes: List[str]
+
+
+def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods: Sequence, fallback: bool,
+            seed: int = 0) -> Setup:
+    """Load the data and the base model, and build the task with room for the methods' virtual tokens."""
+    splits = load_splits(data, allow_fallback=fallback)
+    num_labels = None
+    if data.task == "classification":
+        num_labels = data.num_labels or infer_num_labels(splits)
+        data = dataclasses.replace(data, num_labels=num_labels)
+    base = load_base_model(model, num_labels=num_labels, allow_random_init=fallback, seed=seed)
+    reference = None
+    if not base.random_init and base.description == f"pretrained weights: {model}":
+        reference = os.path.abspath(model) if os.path.isdir(model) else model
+    context = base.model.config.n_positions - max([virtual_tokens(m) for m in methods] or [0])
+    task = build_task(data, splits, Tokenizer(), context, generation)
+    notes = [f"model: {base.description}", f"data: {splits.description}",
+             f"examples: {len(task.train)} train, {len(task.validation)} validation, {task.test_size} test"]
+    return Setup(base, reference, task, data, notes)
+
+
+def base_reference(setup: Setup, output_dir: str) -> str:
+    """The base model's hub id or directory; a base that cannot be named is written to output_dir/base_model."""
+    if setup.base_reference is None:
+        directory = os.path.abspath(os.path.join(output_dir, "base_model"))
+        setup.base.model.save_pretrained(directory)
+        save_tokenizer_files(directory, setup.base.model.config.n_positions)
+        setup.base_reference = directory
+    return setup.base_reference
+
+
+def train_config_for(run: Run, train: TrainConfig, output_dir: str) -> TrainConfig:
+    changes = {"output_dir": output_dir}
+    if run.lr is not None:
+        changes["lr"] = run.lr
+    return dataclasses.replace(train, **changes)
+
+
+def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search: SearchConfig,
+            reference_dir: str) -> List[dict]:
+    """Train (or search, then train) one method in output_dir, save what it produced, return its report
+    rows (two with merged_row)."""
+    config = train_config_for(run, train, output_dir)
+    if search.trials and run.method is not None:
+        result = search_method(run, setup, config, search)
+    else:
+        result = run_method(run.name, run.method, setup.base, setup.task, config, sampler_seed=train.seed)
+    save_outputs(result.model, run.method, result.predictions, output_dir,
+                 base_reference(setup, reference_dir) if run.method and run.method.name in ADAPTER_METHODS else None)
+    rows = [result.row]
+    if run.merged_row:
+        rows.append(merged_row(run, result, setup))
+    return rows
+
+
+def merged_row(run: Run, result, setup: Setup) -> dict:
+    """The report row of the run's LoRA merged into the weights (merge_and_unload)."""
+    from ..peft import merge_and_unload
+    from ..report import method_row
+
+    if run.method is None or run.method.name not in ("lora", "qlora"):
+        raise ValueError(f"run {run.name!r}: merged_row needs a lora or qlora method")
+    merged = merge_and_unload(result.model)
+    quality, _ = setup.task.evaluate(merged)
+    return method_row(f"{run.name} merged", result.summary, merged, quality, random_init=setup.base.random_init)
+
+
+def save_outputs(model, method: Optional[MethodConfig], predictions: List[dict], output_dir: str,
+                 base_reference: Optional[str]) -> None:
+    """adapter/ or model/ (see the module docstring) and predictions.jsonl."""
+    from ..peft import save_adapter
+
+    os.makedirs(output_dir, exist_ok=True)
+    if method is not None and method.name in ADAPTER_METHODS:
+        save_adapter(model, os.path.join(output_dir, "adapter"), base_model_name_or_path=base_reference)
+    elif method is not None:
+        save_model(model, os.path.join(output_dir, "model"))
+    if predictions:
+        write_jsonl(os.path.join(output_dir, "predictions.jsonl"), predictions)
+
+
+def save_model(model, directory: str) -> None:
+    """A Hugging Face checkpoint (config.json, model.safetensors) and GPT-2's tokenizer files."""
+    model.save_pretrained(directory)
+    save_tokenizer_files(directory, model.config.n_positions)
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write_text(path, text)
+
+
+def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchConfig):
+    """Optuna trials of one method (each in config.output_dir/trial_<n>/); the best trial's model, or with
+    retrain_best_model the best configuration trained again on the whole training split."""
+    space = space_for(run.method.name)
+    cap = search.train_samples or setup.data.max_train_samples
+    trial_task = copy.copy(setup.task)
+    trial_task.train = copy.copy(setup.task.train)
+    if cap is not None:
+        trial_task.train.rows = subset(setup.task.train.rows, 1.0, cap, setup.data.seed)
+    best = {}
+
+    def configured(params, output_dir):
+        options = {k: v for k, v in params.items() if k in ("rank", "alpha", "dropout")}
+        method = dataclasses.replace(run.method, **options)
+        return method, dataclasses.replace(config, output_dir=output_dir, lr=params["lr"], epochs=params["epochs"])
+
+    def objective(params, trial_dir):
+        method, trial_config = configured(params, trial_dir)
+        result = run_method(run.name, method, setup.base, trial_task, trial_config, sampler_seed=config.seed,
+                            evaluate=False)
+        value = result.row["best_val_loss"]
+        print(f"    {run.name} trial {os.path.basename(trial_dir)}: {params} -> val loss {value}", flush=True)
+        if value is not None and value < best.get("value", float("inf")):
+            best.update(value=value, result=result)
+        return value
+
+    found = run_search(objective, search.trials, config.output_dir, space=space, seed=config.seed)
+    print(f"{run.name}: best trial {found['best_trial']}: {found['best_params']} "
+          f"(val loss {found['best_value']:.4f})", flush=True)
+    method, best_config = configured(found["best_params"], os.path.join(config.output_dir, "best_model"))
+    if search.retrain_best_model:
+        return run_method(f"{run.name} (best trial, retrained)", method, setup.base, setup.task, best_config,
+                          sampler_seed=config.seed)
+    result = best["result"]
+    quality, result.predictions = setup.task.evaluate(result.model)
+    result.row.update(quality)
+    result.row["method"] = f"{run.name} (best trial)"
+    return result
+
+
+def load_for_inference(model: Optional[str], adapter: Optional[str], device: Optional[str] = None,
+                       num_labels: Optional[int] = None):
+    """(model, description): a full checkpoint (`model`), or a base model with `adapter` loaded into it;
+    the base is `model` when given, else the adapter's base_model_name_or_path."""
+    from ..model import GPT2, GPT2ForSequenceClassification
+    from ..peft import load_adapter
+    from ..peft.adapter_io import read_adapter_config, resolve_adapter
+
+    if model is None and adapter is None:
+        raise ValueError("give --model (a checkpoint directory or hub id) or --adapter (an adapter directory)")
+    description = f"model {model}"
+    if adapter is not None:
+        adapter = resolve_adapter(adapter)
+        config = read_adapter_config(adapter)
+        model = model or config.get("base_model_name_or_path")
+        if not model:
+            raise ValueError(f"{adapter}/adapter_config.json names no base_model_name_or_path; pass the base with "
+                             "--model DIR_OR_HUB_ID")
+        num_labels = num_labels or adapter_num_labels(adapter)
+        description = f"adapter {adapter} on base {model}"
+    cls = GPT2ForSequenceClassification if num_labels or _is_classifier(model) else GPT2
+    loaded = cls.from_pretrained(model, **({"num_labels": num_labels} if num_labels else {}))
+    if adapter is not None:
+        load_adapter(loaded, adapter)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return loaded.to(device).eval(), description
+
+
+def _is_classifier(model: str) -> bool:
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in json.load(open(path)).get("architectures") or [])
+
+
+def adapter_num_labels(adapter: str) -> Optional[int]:
+    """A classifier adapter's number of labels (rows of its saved score head), or None."""
+    from safetensors import safe_open
+
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        return None
+    with safe_open(path, "pt") as f:
+        for key in f.keys():
+            if key.endswith("score.weight"):
+                return f.get_slice(key).get_shape()[0]
+    return None
+
