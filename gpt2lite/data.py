@@ -66,6 +66,15 @@ class DataConfig:
             raise ValueError("data.validation / data.test files need a data.train file too")
 
     @property
+    def hub_rows(self) -> dict:
+        """Rows to read of each hub split: the sample caps, so that a capped run streams only the first rows
+        it uses instead of downloading whole splits (None: all). Language modelling caps blocks, not rows."""
+        if self.task == "language_modeling":
+            return {"train": None, "validation": None, "test": None}
+        return {"train": self.max_train_samples, "validation": self.max_validation_samples,
+                "test": self.max_test_samples}
+
+    @property
     def columns(self):
         """(input column, target column) with the task's defaults filled in."""
         default_input, default_target = DEFAULT_COLUMNS[self.task]
@@ -130,7 +139,7 @@ def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
     input_column, target_column = config.columns
     if config.task == "summarization":
         splits = summarization_splits(config.dataset, config.dataset_config, None, input_column, target_column,
-                                      allow_fallback=allow_fallback, seed=config.seed)
+                                      allow_fallback=allow_fallback, seed=config.seed, max_rows=config.hub_rows)
     elif config.task == "language_modeling":
         splits = lm_texts(config.dataset, config.dataset_config, None, input_column, allow_fallback=allow_fallback)
     else:
@@ -151,7 +160,8 @@ def _hub_classification(config: DataConfig):
     tables, missing = {}, []
     for split in HUB_SPLITS:
         try:
-            tables[split] = load_table(config.dataset, config.dataset_config, split=split)
+            tables[split] = load_table(config.dataset, config.dataset_config, split=split,
+                                       max_rows=config.hub_rows[split])
         except DataError:
             if split == "train":
                 raise

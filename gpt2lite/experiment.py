@@ -18,7 +18,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -102,7 +102,7 @@ def _split_off(table, fraction: float, seed: int):
 def summarization_splits(dataset: Optional[str] = "cnn_dailymail", config_name: Optional[str] = "3.0.0",
                          data_files=None, source_column: str = "article", target_column: str = "highlights",
                          allow_fallback: bool = True, fallback_examples: Optional[int] = None,
-                         seed: int = 0) -> TextSplits:
+                         seed: int = 0, max_rows: Optional[Dict[str, Optional[int]]] = None) -> TextSplits:
     """Local files (one file: 10% held out for validation and test), else the hub dataset, else the
     standard library's docstring corpus (see tasks.docstrings; at most fallback_examples examples, all
     ~2,000 by default), with a description that says which."""
@@ -117,7 +117,8 @@ def summarization_splits(dataset: Optional[str] = "cnn_dailymail", config_name: 
         return TextSplits(train, validation, test, source_column, target_column,
                           f"local files: {files}")
     try:
-        tables = [load_table(dataset, config_name, split=s) for s in ("train", "validation", "test")]
+        tables = [load_table(dataset, config_name, split=s, max_rows=(max_rows or {}).get(s))
+                  for s in ("train", "validation", "test")]
         return TextSplits(*tables, source_column, target_column, f"{dataset} ({config_name}) from the Hugging Face Hub")
     except DataError as error:
         if not allow_fallback:

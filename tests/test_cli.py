@@ -109,6 +109,33 @@ def test_one_file_is_split_into_three_disjoint_seeded_parts(tmp_path):
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (45, 7, 5)
 
 
+def test_sample_caps_stream_only_the_first_rows_of_a_hub_dataset(monkeypatch):
+    """A capped run asks the hub for the rows it uses (load_table's max_rows), not whole splits: the online
+    demo trains on 2,000 CNN/DailyMail articles without downloading the 287,113 of the train split."""
+    import gpt2lite.data
+    import gpt2lite.experiment
+
+    asked = {}
+
+    def fake_load_table(dataset=None, config_name=None, data_files=None, split="train", max_rows=None):
+        asked[split] = max_rows
+        return [{"article": f"article {i}", "highlights": f"summary {i}", "text": "t", "label": 0}
+                for i in range(max_rows or 30)]
+
+    monkeypatch.setattr(gpt2lite.experiment, "load_table", fake_load_table)
+    monkeypatch.setattr(gpt2lite.data, "load_table", fake_load_table)
+    splits = load_splits(DataConfig(dataset="cnn_dailymail", dataset_config="3.0.0", max_train_samples=20,
+                                    max_validation_samples=5, max_test_samples=7))
+    assert asked == {"train": 20, "validation": 5, "test": 7}
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (20, 5, 7)
+    asked.clear()
+    load_splits(DataConfig(task="classification", dataset="news", max_train_samples=12, num_labels=2))
+    assert asked == {"train": 12, "validation": None, "test": None}
+    asked.clear()
+    load_splits(DataConfig(dataset="cnn_dailymail"))
+    assert asked == {"train": None, "validation": None, "test": None}  # no caps: whole splits
+
+
 def test_bad_data_options_name_the_problem(tmp_path):
     path = write_jsonl(tmp_path / "tiny.jsonl", news_rows(2))
     with pytest.raises(DataError, match="tiny.jsonl' has 2 rows: too few"):

@@ -154,7 +154,7 @@ def test_missing_column_names_the_existing_ones(tmp_path, tokenizer):
 def test_hub_unreachable_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="data-files"):
+    with pytest.raises(DataError, match="--data.train"):
         load_table("gpt2lite-no-such-dataset-xyz", split="train")
 
 

@@ -55,7 +55,7 @@ def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
     if not hub_reachable():
         raise DataError(f"cannot load {dataset!r} from the Hugging Face Hub: it is unreachable (offline, or "
                         "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set). Pass local files instead (data_files=... / "
-                        "--data-files), e.g. a JSONL file with one object per line.")
+                        "gpt2lite finetune --data.train FILE), e.g. a JSONL file with one object per line.")
     try:
         repo_id = CANONICAL_DATASETS.get(dataset, dataset)
         if max_rows is None:
@@ -67,8 +67,8 @@ def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
         raise DataError(
             f"could not load {dataset!r}{f' ({config_name})' if config_name else ''} split {split!r} "
             f"from the Hugging Face Hub: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
-            "Without the network, pass local files instead (data_files=... / --data-files), e.g. a JSONL file "
-            "with one object per line."
+            "Without the network, pass local files instead (data_files=... / gpt2lite finetune --data.train "
+            "FILE), e.g. a JSONL file with one object per line."
         ) from None
     return require_rows(table, f"{dataset} split {split!r}")
 
