@@ -1,12 +1,12 @@
 """gpt2lite: GPT-2 and its fine-tuning methods, written by hand in PyTorch."""
 
 from .config import GPT2Config
-from .generate import KVCache, generate
+from .generate import GenerationConfig, KVCache, generate
 from .model import GPT2, GPT2ForSequenceClassification, count_parameters
 from .tokenizer import Tokenizer
 from . import gpt_neo  # registers the GPT-Neo architecture (attention class, HF config mapping, presets)
 from . import peft  # the fine-tuning methods: gpt2lite.peft.apply(model, {"name": "lora", ...})
 
-__all__ = ["GPT2Config", "GPT2", "GPT2ForSequenceClassification", "Tokenizer", "generate", "KVCache",
-           "count_parameters"]
+__all__ = ["GPT2Config", "GPT2", "GPT2ForSequenceClassification", "Tokenizer", "generate", "GenerationConfig",
+           "KVCache", "count_parameters"]
 __version__ = "0.1.0"
