@@ -326,41 +326,18 @@ def classification_task(data: DataConfig, splits: TextSplits, tokenizer, max_len
     return Task("classification", train, validation, evaluate, len(test))
 
 
-def generation_kwargs(generation, tokenizer=None) -> dict:
-    """generate()'s keyword arguments from a GenerationConfig: the fields generate() accepts (and the
-    tokenizer, which stop strings need). A field it does not accept must keep its default."""
-    import dataclasses
-    import inspect
-
-    from .generate import generate
-
-    accepted = inspect.signature(generate).parameters
-    kwargs = {}
-    for field in dataclasses.fields(generation):
-        value = getattr(generation, field.name)
-        if field.name in accepted:
-            kwargs[field.name] = value
-        elif value != field.default:
-            raise ValueError(f"generation.{field.name}={value!r} is not supported by this gpt2lite's generate(); "
-                             f"leave it at {field.default!r}")
-    if "tokenizer" in accepted and tokenizer is not None:
-        kwargs["tokenizer"] = tokenizer
-    return kwargs
-
-
 @torch.no_grad()
 def generate_texts(model, prompts: Sequence[Sequence[int]], tokenizer, generation, batch_size: int = 8) -> List[str]:
     """The continuation of each prompt (token ids) as text, cut at eos, in batches of left-padded prompts."""
     from .generate import generate
     from .tokenizer import pad_batch
 
-    kwargs = generation_kwargs(generation, tokenizer)
     device = next(model.parameters()).device
     texts = []
     for start in range(0, len(prompts), batch_size):
         batch = pad_batch(prompts[start:start + batch_size], tokenizer.pad_id, "left")
         new = generate(model, batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                       **kwargs)
+                       config=generation, tokenizer=tokenizer)
         for ids in new.tolist():
             if generation.eos_id is not None and generation.eos_id in ids:
                 ids = ids[:ids.index(generation.eos_id)]
