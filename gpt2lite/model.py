@@ -257,7 +257,10 @@ class PreTrained(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, **kwargs):
         """Load a Hugging Face checkpoint: a hub id ("gpt2", "openai-community/gpt2-medium") or a local
-        directory with config.json and model.safetensors, pytorch_model.bin or a sharded index."""
+        directory with config.json and model.safetensors, pytorch_model.bin or a sharded index.
+
+        quantize="nf4" (with compute_dtype=..., double_quant=True) stores the blocks' linear weights in 4 bits
+        as they are read, never holding the float model (gpt2lite.quantized_load); for QLoRA, add_lora next."""
         from .hf import load_pretrained
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
