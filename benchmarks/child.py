@@ -24,8 +24,13 @@ RESULT_PREFIX = "RESULT "
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's peak resident set size: VmHWM on Linux; ru_maxrss (KiB on Linux) elsewhere, which
+    counts the parent's peak too when that was higher (it is kept across fork and exec)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def synchronize(device: str):
@@ -53,6 +58,8 @@ def train(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     model, loss_fn = stacks.build(spec["stack"], spec["mode"], spec["preset"], spec["dropout"], spec.get("weights_dir"))
     model.to(device).train()
+    if spec.get("activation_checkpointing"):
+        stacks.enable_activation_checkpointing(spec["stack"], model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable)
     if device == "cuda":

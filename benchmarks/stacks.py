@@ -9,8 +9,10 @@ Methods (the same settings on both sides):
             rule on both sides: attn.c_attn, attn.c_proj and mlp.c_proj of every block (36 layers)
     prompt  20 virtual tokens, random init (peft PromptTuningConfig / gpt2lite add_soft_prompt)
     last2   blocks 10 and 11 and ln_f train (requires_grad); embeddings and the tied head are frozen
-    qlora   gpt2lite only: every block linear in 4-bit NF4 (double quantization), then LoRA as above.
-            The reference needs bitsandbytes, which has no CPU build here, so it has no reference row.
+    qlora   every block linear in 4-bit NF4 (double quantization), then LoRA as above. gpt2lite quantizes
+            while loading when it starts from a checkpoint; the reference (run by scaling.py, not run.py) is
+            transformers' bitsandbytes 4-bit loading with peft's prepare_model_for_kbit_training, which needs
+            a checkpoint (weights_dir) and bitsandbytes' CPU backend.
 
 This module imports transformers and peft only inside `reference_model`, so gpt2lite's benchmark
 processes never load them (their memory would count against gpt2lite's peak).
@@ -41,11 +43,14 @@ def gpt2lite_model(mode: str, preset: str, dropout: bool, weights_dir=None):
     import gpt2lite
     from gpt2lite import peft
 
-    if weights_dir is not None:
+    method = dict(GPT2LITE_METHODS[mode])
+    if weights_dir is not None and mode == "qlora":  # 4 bits as it reads: the float model is never held
+        model = gpt2lite.GPT2.from_pretrained(str(weights_dir), quantize="nf4")
+        method["name"] = "lora"
+    elif weights_dir is not None:
         model = gpt2lite.GPT2.from_pretrained(str(weights_dir))
     else:
         model = gpt2lite.GPT2(gpt2lite.GPT2Config.from_name(preset, **dropout_overrides(dropout)))
-    method = dict(GPT2LITE_METHODS[mode])
     if "dropout" in method and not dropout:
         method["dropout"] = 0.0
     peft.apply(model, method)
@@ -64,8 +69,18 @@ def reference_model(mode: str, preset: str, dropout: bool, weights_dir=None):
     import transformers
 
     if mode == "qlora":
-        raise ValueError("the reference has no CPU QLoRA (bitsandbytes is not available)")
-    if weights_dir is not None:
+        if weights_dir is None:
+            raise ValueError("the reference QLoRA quantizes a checkpoint as it loads it: pass weights_dir")
+        import peft
+
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+        model = transformers.GPT2LMHeadModel.from_pretrained(str(weights_dir), quantization_config=quantization,
+                                                             device_map="cpu")
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        mode = "lora"  # LoRA on the 4-bit model, as below
+    elif weights_dir is not None:
         model = transformers.GPT2LMHeadModel.from_pretrained(str(weights_dir))
     else:
         from gpt2lite import GPT2Config
@@ -109,6 +124,14 @@ def shared_prompt(n_embd: int) -> torch.Tensor:
 def dropout_overrides(dropout: bool) -> dict:
     """GPT-2's default dropout (0.1 everywhere) when `dropout`, else none (for exact loss comparisons)."""
     return {} if dropout else dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+
+
+def enable_activation_checkpointing(stack: str, model):
+    """Per-block activation checkpointing, non-reentrant on both sides."""
+    if stack == "gpt2lite":
+        model.set_activation_checkpointing(True)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build(stack: str, mode: str, preset: str, dropout: bool, weights_dir=None):

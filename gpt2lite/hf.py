@@ -272,15 +272,49 @@ def torch_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got {dtype!r}")
 
 
-def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels: Optional[int] = None):
+def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels: Optional[int] = None,
+                    quantize: Optional[str] = None, **quantize_options):
+    """`cls` with the weights of a checkpoint. quantize="nf4" reads it a tensor at a time and stores the
+    blocks' linear weights in 4 bits as it goes (gpt2lite.quantized_load; options: compute_dtype, double_quant)."""
     directory = _download_bin_if_needed(resolve(name_or_path), name_or_path)
     config = read_config(directory)
-    arch = architecture(config.model_type)
-    state = hf_to_gpt2lite(read_state_dict(directory), arch)
+    if quantize is not None:
+        from .quantized_load import load_quantized
+
+        return load_quantized(cls, directory, config, quantize, dtype=dtype, device=device, num_labels=num_labels,
+                              **quantize_options)
+    if quantize_options:
+        raise TypeError(f"{sorted(quantize_options)} are options of quantize='nf4'; pass quantize too, or drop them")
+    state = hf_to_gpt2lite(read_state_dict(directory), architecture(config.model_type))
+    model, keys, new, tied = model_for_checkpoint(cls, config, directory, {k: v.shape for k, v in state.items()},
+                                                  num_labels)
+    for key in keys:
+        require_float_weight(key, state[key], directory)
+    dtype = torch_dtype(dtype)
+    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in {**{k: state[k] for k in keys}, **new}.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.transformer.wte.weight
+    return model.eval()  # as transformers does: dropout off until training asks for it
+
+
+def require_float_weight(key: str, tensor: torch.Tensor, directory: str):
+    """Every weight gpt2lite loads is floating point: an integer tensor means a corrupted or foreign file."""
+    if not tensor.is_floating_point():
+        raise CheckpointError(
+            f"{key} in {directory!r} holds {tensor.dtype} values, not floating-point weights; the "
+            "checkpoint is corrupted or not a model's weights (gpt2lite loads float32, float16 or bfloat16)")
+
+
+def model_for_checkpoint(cls, config: GPT2Config, directory: str, shapes: Dict[str, torch.Size],
+                         num_labels: Optional[int] = None):
+    """The `cls` model on the meta device that a checkpoint with these tensor shapes (gpt2lite names) loads
+    into, after checking that they match. Returns (model, the checkpoint keys to load, new tensors the
+    checkpoint lacks (a new classification head), whether lm_head is to be tied to wte)."""
     kwargs = {}
     if cls.__name__.endswith("ForSequenceClassification"):
-        if "score.weight" in state:
-            found = state["score.weight"].shape[0]
+        if "score.weight" in shapes:
+            found = shapes["score.weight"][0]
             if num_labels is not None and num_labels != found:
                 raise CheckpointError(f"the checkpoint's score head has {found} labels, num_labels={num_labels} was asked for")
             num_labels = found
@@ -294,37 +328,29 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
     tied = config.tie_word_embeddings and "lm_head.weight" in expected
     if tied:  # lm_head is the same matrix as transformer.wte
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    keys = set(shapes)
     for head in ("lm_head.weight", "score.weight"):  # a language model from a classifier or the reverse
-        if head not in expected and head in state:
-            state.pop(head)
+        if head not in expected and head in keys:
+            keys.discard(head)
             logger.info("ignoring %s from %s: %s has no such head", head, directory, cls.__name__)
-    if "score.weight" in expected and "score.weight" not in state:  # a new classification head
-        state["score.weight"] = torch.empty(expected["score.weight"].shape).normal_(0.0, config.initializer_range)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    new = {}
+    if "score.weight" in expected and "score.weight" not in keys:  # a new classification head
+        new["score.weight"] = torch.empty(expected["score.weight"].shape).normal_(0.0, config.initializer_range)
+    missing = sorted(set(expected) - keys - set(new))
+    unexpected = sorted(keys - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint in {directory!r} does not match {cls.__name__}({config.model_type}, "
             f"n_layer={config.n_layer}): missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
         )
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
+    for key in expected:  # in module order: the first mismatch is the one to fix
+        if key in keys and tuple(shapes[key]) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"{key}: the checkpoint has shape {tuple(state[key].shape)}, the model expects "
-                f"{tuple(tensor.shape)}; config.json and the weights disagree (a checkpoint of another size?)"
+                f"{key}: the checkpoint has shape {tuple(shapes[key])}, the model expects "
+                f"{tuple(expected[key].shape)}; config.json and the weights disagree (a checkpoint of another size?)"
             )
-        if tensor.is_floating_point() and not state[key].is_floating_point():
-            raise CheckpointError(
-                f"{key} in {directory!r} holds {state[key].dtype} values, not floating-point weights; the "
-                "checkpoint is corrupted or not a model's weights (gpt2lite loads float32, float16 or bfloat16)")
-    dtype = torch_dtype(dtype)
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.transformer.wte.weight
-    return model.eval()  # as transformers does: dropout off until training asks for it
+    return model, sorted(keys), new, tied
 
 
 # ---------------------------------------------------------------------------------------------- writing

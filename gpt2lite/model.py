@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .attention import dropout_attention
 from .config import GPT2Config
@@ -167,6 +168,7 @@ class GPT2Model(nn.Module):
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.virtual_tokens = None  # a soft prompt or prefix: gpt2lite/peft/prompt.py, prefix.py
+        self.activation_checkpointing = False  # see PreTrained.set_activation_checkpointing
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, inputs_embeds=None,
                 with_prompt_end: bool = False):
@@ -212,7 +214,12 @@ class GPT2Model(nn.Module):
             window = self.config.window(i)
             if window not in masks:
                 masks[window] = attention_mask_for(attention_mask, T, past + T, window, x.device)
-            x = block(x, masks[window], kv_cache)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; backward runs the block again (same dropout: the RNG state
+                # is restored). Non-reentrant, so a frozen input (embeddings under LoRA) still gets gradients.
+                x = torch.utils.checkpoint.checkpoint(block, x, masks[window], kv_cache, use_reentrant=False)
+            else:
+                x = block(x, masks[window], kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         n_out = n_real + 1 if with_prompt_end and T > n_real else n_real
@@ -257,10 +264,20 @@ class PreTrained(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype=None, device=None, **kwargs):
         """Load a Hugging Face checkpoint: a hub id ("gpt2", "openai-community/gpt2-medium") or a local
-        directory with config.json and model.safetensors, pytorch_model.bin or a sharded index."""
+        directory with config.json and model.safetensors, pytorch_model.bin or a sharded index.
+
+        quantize="nf4" (with compute_dtype=..., double_quant=True) stores the blocks' linear weights in 4 bits
+        as they are read, never holding the float model (gpt2lite.quantized_load); for QLoRA, add_lora next."""
         from .hf import load_pretrained
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+
+    def set_activation_checkpointing(self, enabled: bool = True):
+        """Activation checkpointing per block: in training with gradients, each block keeps only its input
+        and runs again during backward, trading about a third more compute for activation memory of one
+        block instead of all. Results are unchanged (dropout draws the same masks again)."""
+        self.transformer.activation_checkpointing = bool(enabled)
+        return self
 
     def save_pretrained(self, directory: str):
         """Write config.json and model.safetensors that transformers loads."""

@@ -145,3 +145,123 @@ def test_bad_input_gets_clear_errors(tiny_hf_dir):
         quantize_nf4(model, targets=["c_attn"])
     with pytest.raises(ValueError, match="block_size"):
         quantize_nf4_tensor(torch.randn(4, 4), block_size=63)
+
+
+# ------------------------------------------------------------------ the memory of a 4-bit layer in training
+
+def float_path_forward(self, x):
+    """NF4Linear.forward before the dequantizing autograd Function: dequantize, then a differentiable linear
+    (which saves the float weight for backward). The reference for values and gradients."""
+    from gpt2lite.linear import linear
+
+    weight = self.dequantize()
+    bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+    return linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+
+
+def tiny_qlora(compute_dtype=torch.float32, bias="none", seed=3):
+    torch.manual_seed(seed)
+    config = GPT2Config.from_name("tiny").replace(vocab_size=512, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = GPT2(config)
+    quantize_nf4(model, compute_dtype=compute_dtype)
+    add_lora(model, rank=4, alpha=8, targets=["c_attn", "c_proj", "c_fc"], bias=bias)
+    with torch.no_grad():  # B = 0 at init would hide any error in the gradients flowing through the base
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.02)
+    return model
+
+
+def test_a_qlora_forward_saves_no_float_copy_of_a_4bit_weight():
+    model = tiny_qlora().train()
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    weight_shapes = {(m.out_features, m.in_features) for m in layers} | {(m.in_features, m.out_features) for m in layers}
+    ids = torch.randint(0, 512, (2, 24))  # 48 rows: no activation has a weight's shape
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(ids, labels=ids)
+    float_weights = [s for s in saved if s[0] in weight_shapes and s[1].is_floating_point]
+    assert saved and not float_weights, float_weights
+    loss.backward()  # and the backward pass still finds what it needs
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compute_dtype,autocast,bias", [
+    (torch.float32, False, "none"), (torch.bfloat16, False, "all"), (torch.float32, True, "all"),
+    (torch.bfloat16, True, "none")])
+def test_dequantizing_linear_equals_the_float_path(monkeypatch, device, compute_dtype, autocast, bias):
+    """Loss and every trainable gradient equal the float path's (dequantize, then a differentiable linear),
+    with compute dtypes, bf16 autocast, and a trained base bias (LoRA bias="all")."""
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def loss_and_grads(forward):
+        monkeypatch.setattr(NF4Linear, "forward", forward)
+        model = tiny_qlora(compute_dtype, bias).to(device).train()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, labels=ids)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    new_loss, new_grads = loss_and_grads(NF4Linear.forward)
+    old_loss, old_grads = loss_and_grads(float_path_forward)
+    low_precision = compute_dtype == torch.bfloat16 or autocast
+    tolerance = dict(rtol=2e-2, atol=1e-4) if low_precision else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(new_loss, old_loss, **tolerance)
+    assert new_grads.keys() == old_grads.keys() and any(".bias" in n for n in new_grads) == (bias == "all")
+    for name in old_grads:
+        torch.testing.assert_close(new_grads[name], old_grads[name], **tolerance, msg=name)
+
+
+# ------------------------------------------------------------------ parity with bitsandbytes' NF4
+
+def bitsandbytes_functional():
+    try:
+        import bitsandbytes.functional as bnb_functional
+
+        bnb_functional.quantize_4bit(torch.zeros(64), blocksize=64, quant_type="nf4")  # has a CPU kernel
+    except Exception as error:  # not installed, or no kernel for this device
+        pytest.skip(f"bitsandbytes' CPU NF4 is unavailable: {type(error).__name__}: {error}")
+    return bnb_functional
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_codes_and_weights_equal_bitsandbytes(double_quant):
+    bnb = bitsandbytes_functional()
+    torch.manual_seed(4)
+    weight = torch.randn(1024, 512) * 0.02  # 8192 blocks of 64, 32 blocks of 256 constants
+    packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    ours = quantize_nf4_tensor(weight, double_quant)
+    assert torch.equal(packed.flatten(), ours.packed)  # same 4-bit codes, same nibble order
+    if not double_quant:
+        assert torch.equal(state.absmax, ours.absmax)
+        torch.testing.assert_close(dequantize_nf4_tensor(ours), bnb.dequantize_4bit(packed, state), rtol=1e-6, atol=1e-9)
+        return
+    theirs = ours.quantized_absmax
+    assert torch.equal(state.offset, theirs.offset) and torch.equal(state.state2.absmax, theirs.scale)
+    torch.testing.assert_close(state.state2.code, dynamic_map(), rtol=0, atol=1e-7)  # built in float64 here
+    # The 8-bit absmax codes agree but for a few, where bitsandbytes' CPU search stops one level off the
+    # nearest (a value near a midpoint, or among the dense levels near zero); ours is never the farther.
+    differ = (state.absmax != theirs.codes).nonzero().flatten()
+    assert differ.numel() < 0.005 * theirs.codes.numel()
+    values = (weight.reshape(-1, 64).abs().amax(1) - theirs.offset)
+    values = values / theirs.scale.repeat_interleave(256)[:values.numel()]
+    levels = dynamic_map()
+    for i in differ.tolist():
+        ours_error = (values[i] - levels[theirs.codes[i].long()]).abs()
+        their_error = (values[i] - levels[state.absmax[i].long()]).abs()
+        assert ours_error <= their_error, (i, ours_error, their_error)
+        assert abs(int(theirs.codes[i]) - int(state.absmax[i])) == 1, i  # neighbouring levels
+    restored, reference = dequantize_nf4_tensor(ours), bnb.dequantize_4bit(packed, state)
+    same_blocks = torch.ones(restored.numel() // 64, dtype=torch.bool)
+    same_blocks[differ] = False
+    torch.testing.assert_close(restored.reshape(-1, 64)[same_blocks], reference.reshape(-1, 64)[same_blocks],
+                               rtol=1e-6, atol=1e-9)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 NF4_BLOCK_SIZE = 64
 ABSMAX_BLOCK_SIZE = 256
@@ -127,9 +128,18 @@ def quantize_nf4_tensor(weight, double_quant: bool = True, block_size: int = NF4
     return NF4Tensor(packed, absmax, None, weight.shape)
 
 
+def nibble_pair_table(codebook) -> torch.Tensor:
+    """The two levels each packed byte stands for: (256, 2), row b = (codebook[b >> 4], codebook[b & 15])."""
+    return torch.stack([codebook.repeat_interleave(16), codebook.repeat(16)], dim=1)
+
+
 def dequantize_nf4_tensor(tensor: NF4Tensor, dtype=torch.float32, codebook=None, absmax_levels=None):
     """Back to a float tensor of the original shape. `codebook` / `absmax_levels` may be passed already on
-    the right device to avoid rebuilding them."""
+    the right device to avoid rebuilding them.
+
+    Each packed byte is looked up whole in a 256-row table of level pairs (an embedding lookup), which is
+    several times faster than unpacking the nibbles and indexing the codebook twice; the values are the same.
+    """
     device = tensor.packed.device
     codebook = nf4_codebook().to(device) if codebook is None else codebook
     if tensor.quantized_absmax is not None:
@@ -137,8 +147,7 @@ def dequantize_nf4_tensor(tensor: NF4Tensor, dtype=torch.float32, codebook=None,
         absmax = dequantize_absmax(tensor.quantized_absmax, levels)
     else:
         absmax = tensor.absmax
-    codes = unpack_nibbles(tensor.packed).long()  # (n * bs,)
-    block_size = codes.numel() // absmax.numel()
-    blocks = codebook[codes].view(-1, block_size) * absmax[:, None]  # (n, bs)
+    pairs = F.embedding(tensor.packed.int(), nibble_pair_table(codebook))  # (n * bs / 2, 2)
+    blocks = pairs.view(absmax.numel(), -1).mul_(absmax[:, None])  # (n, bs)
     numel = tensor.shape.numel()
-    return blocks.reshape(-1)[:numel].view(tensor.shape).to(dtype)
+    return blocks.view(-1)[:numel].view(tensor.shape).to(dtype)

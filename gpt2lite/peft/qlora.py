@@ -3,6 +3,11 @@
 `quantize_nf4(model)` replaces the matching nn.Linear layers by `NF4Linear`; LoRA (gpt2lite.peft.add_lora)
 then wraps those as its base layers. The packed codes and constants are buffers, not parameters, so no
 optimizer can touch them; the bias stays a frozen float parameter.
+
+The float weight lives only while a matmul needs it, as in bitsandbytes' 4-bit matmul: forward dequantizes
+it, multiplies and drops it; backward dequantizes it again for the input gradient (the frozen weight has no
+gradient of its own). Autograd keeps nothing of the layer between the two but a reference to its buffers,
+so training holds the weights in 4 bits, not a float copy of every layer until backward.
 """
 
 from __future__ import annotations
@@ -64,9 +69,8 @@ class NF4Linear(nn.Module):
                                      self.absmax_levels)
 
     def forward(self, x):
-        weight = self.dequantize()  # (out, in) in compute_dtype
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)
+        """x (..., in) -> (..., out) in x's dtype; the matmul runs in compute_dtype, or autocast's dtype."""
+        return DequantizingLinear.apply(x, self.bias, self)
 
     def num_quantized_parameters(self) -> int:
         """Weights held in the buffers, so that count_parameters includes them in the total."""
@@ -80,6 +84,37 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}, double_quant={self.double_quant}")
+
+
+class DequantizingLinear(torch.autograd.Function):
+    """y = x W^T + b with W dequantized from NF4 in forward and again in backward, never saved for backward.
+
+    The matmul dtype is compute_dtype, or autocast's dtype when autocast is on for x's device (what autocast
+    would have made of an F.linear); the output is cast back to x's dtype. Gradients: x's (always, through W)
+    and the bias's when it trains (LoRA's bias="all"); the 4-bit weight is frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, layer: "NF4Linear"):
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else layer.compute_dtype
+        ctx.layer, ctx.dtype, ctx.input_dtype = layer, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        with torch.autocast(device_type, enabled=False):
+            weight = layer.dequantize(dtype)  # (out, in), freed on return
+            out = linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))  # (..., out)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        grad = grad_out.to(ctx.dtype)  # (..., out)
+        if ctx.needs_input_grad[0]:
+            weight = ctx.layer.dequantize(ctx.dtype)  # (out, in), dequantized again
+            grad_x = (grad @ weight).to(ctx.input_dtype)  # (..., in)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.size(-1)).sum(0).to(ctx.bias_dtype)  # (out,)
+        return grad_x, grad_bias, None
 
 
 def quantize_nf4(model: nn.Module, targets: Optional[Sequence[str]] = None, compute_dtype=torch.float32,
