@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from ..hf import default_targets
-from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning, is_classifier
+from .adapter import is_classifier
+from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning
 from .lora import add_lora
 
 METHODS = ("full", "frozen", "lora", "qlora", "prompt", "prefix", "last_n", "bitfit", "ia3")
