@@ -1,7 +1,6 @@
 """IA3 against peft: peft's GPT-2 defaults, parameter counts, logits, peft's file format."""
 
 import copy
-import json
 
 import pytest
 import torch

@@ -14,20 +14,30 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from ..hf import CheckpointError, atomic_write, resolve
 from .inject import unchanged_on_error
-from .peft_format import FORMATS, format_named, format_of, peft_tensors
+from .peft_format import IA3Format, LoRAFormat, PeftFormat, PrefixFormat, PromptFormat, peft_tensors
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 BIN_WEIGHTS_FILE = "adapter_model.bin"  # peft's older format, read with weights_only=True
+FORMATS = (LoRAFormat(), PromptFormat(), PrefixFormat(), IA3Format())  # a model's adapter: the first applied
+
+
+def format_of(model: nn.Module) -> Optional[PeftFormat]:
+    """The format of the model's adapter, or None when it has none."""
+    return next((method for method in FORMATS if method.is_applied(model)), None)
+
+
+def format_named(peft_type: str) -> Optional[PeftFormat]:
+    return next((method for method in FORMATS if method.peft_type == peft_type), None)
 
 
 def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: Optional[str] = None) -> None:

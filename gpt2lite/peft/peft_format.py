@@ -15,7 +15,7 @@ Face's module names, so the mapping is this short. LoRA matrices have the same o
 (A: (r, in), B: (out, r)) although transformers' GPT-2 stores its linear layers transposed (Conv1D): peft
 records that as fan_in_fan_out=true.
 
-Each method is a PeftFormat; adapter_io.py's save_adapter and load_adapter, the one writer and the one
+Each method is a PeftFormat; save_adapter and load_adapter (adapter_io.py), the one writer and the one
 reader, use them.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Optional, Type
+from typing import Dict, Type
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,7 @@ import torch.nn as nn
 from ..hf import CheckpointError, stores_transposed
 from .adapter import classifier_head_parameters, is_classifier
 from .ia3 import add_ia3_layers, ia3_layers
-from .inject import matches
+from .inject import select_modules
 from .lora import DoRALinear, LoRALinear, add_lora, lora_biases, lora_layers
 from .modules_to_save import modules_to_save_of
 from .prefix import Prefix, add_prefix
@@ -43,36 +43,27 @@ PEFT_INIT_NAMES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
 class PeftFormat:
-    """One method's adapter in peft's files. `tensors(model)` names the adapter's tensors as peft saves
-    them; loading copies the file's values into those same tensors."""
+    """One method's adapter in peft's files:
+
+        is_applied(model)   whether the model has this method's adapter
+        config(model)       its adapter_config.json, a dict
+        tensors(model)      its tensors under peft's names; loading copies the file's values into these same tensors
+        check_config(model, path, config), check_file(model, path, config, saved)
+                            refuse, naming the file at `path`, what cannot fit, before anything changes
+        add(model, path, config, saved)
+                            add the adapter the config describes, unless the model has one that can take it
+        hint(model)         the likely cause when the file's tensors do not fit the model's
+    """
 
     peft_type = ""
     head_prefix = PREFIX  # where modules_to_save copies are saved
     float32 = True  # write in float32, as peft keeps the adapters of a 16-bit base
 
-    def is_applied(self, model: nn.Module) -> bool:
-        raise NotImplementedError
-
-    def config(self, model: nn.Module) -> dict:
-        """adapter_config.json for the model's adapter."""
-        raise NotImplementedError
-
-    def tensors(self, model: nn.Module) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
-
     def check_config(self, model: nn.Module, path: str, config: dict):
-        """Refuse, naming the file at `path`, a config that does not fit the model (before any change)."""
+        pass
 
     def check_file(self, model: nn.Module, path: str, config: dict, saved: Dict[str, torch.Tensor]):
-        """Refuse, naming the weights file at `path`, tensors that cannot fit (before any change)."""
-
-    def add(self, model: nn.Module, path: str, config: dict, saved: Dict[str, torch.Tensor]):
-        """Add the adapter the config (file at `path`) describes, unless the model has one that can load it."""
-        raise NotImplementedError
-
-    def hint(self, model: nn.Module) -> str:
-        """The likely cause when the file's tensors do not fit the model's."""
-        raise NotImplementedError
+        pass
 
 
 def peft_tensors(model: nn.Module, method: PeftFormat) -> Dict[str, torch.Tensor]:
@@ -191,6 +182,7 @@ class PromptLearningFormat(PeftFormat):
     head_prefix = "base_model."
     module_class: Type[VirtualTokens] = VirtualTokens
     noun = ""  # "prompt" or "prefix", in messages
+    add_to = None  # add_soft_prompt or add_prefix: (model, n_tokens) -> model
 
     def is_applied(self, model):
         return self.module_class.of(model) is not None
@@ -229,10 +221,7 @@ class PromptLearningFormat(PeftFormat):
 
     def add(self, model, path, config, saved):
         if not self.is_applied(model):
-            self.add_new(model, saved["prompt_embeddings"].size(0))
-
-    def add_new(self, model: nn.Module, n_tokens: int):
-        raise NotImplementedError
+            self.add_to(model, saved["prompt_embeddings"].size(0))
 
     def hint(self, model):
         return f"another number of virtual tokens than the model's {self.noun}? " + score_head_hint(model)
@@ -240,7 +229,7 @@ class PromptLearningFormat(PeftFormat):
 
 class PromptFormat(PromptLearningFormat):
     peft_type = "PROMPT_TUNING"
-    module_class, noun = SoftPrompt, "prompt"
+    module_class, noun, add_to = SoftPrompt, "prompt", staticmethod(add_soft_prompt)
 
     def config(self, model):
         prompt = SoftPrompt.of(model)
@@ -250,13 +239,10 @@ class PromptFormat(PromptLearningFormat):
                 "tokenizer_name_or_path": "openai-community/gpt2" if prompt.init == "text" else None,
                 "tokenizer_kwargs": None}
 
-    def add_new(self, model, n_tokens):
-        add_soft_prompt(model, n_tokens)
-
 
 class PrefixFormat(PromptLearningFormat):
     peft_type = "PREFIX_TUNING"
-    module_class, noun = Prefix, "prefix"
+    module_class, noun, add_to = Prefix, "prefix", staticmethod(add_prefix)
 
     def config(self, model):
         prefix = Prefix.of(model)
@@ -275,9 +261,6 @@ class PrefixFormat(PromptLearningFormat):
         if prefix is not None and prefix.transform is not None:
             raise CheckpointError(f"{path} holds a prefix table, but the model's prefix has an MLP projection; a "
                                   "table loads only into a plain prefix: load it into a model without a prefix")
-
-    def add_new(self, model, n_tokens):
-        add_prefix(model, n_tokens)
 
 
 # --- IA3 -----------------------------------------------------------------------------------------------
@@ -312,37 +295,11 @@ class IA3Format(PeftFormat):
         if self.is_applied(model):
             return
         try:
-            names = peft_module_names(model, config["target_modules"])
-            feedforward = peft_module_names(model, config.get("feedforward_modules") or [], among=names)
+            names = select_modules(model, config["target_modules"])
+            feedforward = select_modules(model, config.get("feedforward_modules") or [], among=names)
             add_ia3_layers(model, names, set(feedforward))
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{path}: {error}") from None
 
     def hint(self, model):
         return "the adapter was made for another model size or set of target modules? " + score_head_hint(model)
-
-
-def peft_module_names(model: nn.Module, modules, among=None):
-    """Module names that peft's target_modules / feedforward_modules select (a list of suffixes, or a
-    regular expression matched against the whole name), kept to `among` if given."""
-    if isinstance(modules, str):
-        names = [n for n, _ in model.named_modules() if re.fullmatch(modules, n)]
-    else:
-        names = [n for n, _ in model.named_modules() if n and any(matches(n, p) for p in modules or [])]
-    if among is not None:
-        names = [n for n in names if n in among]
-    elif not names:
-        raise ValueError(f"the adapter's target_modules {modules!r} match no module of this model")
-    return names
-
-
-FORMATS = (LoRAFormat(), PromptFormat(), PrefixFormat(), IA3Format())  # a model's adapter: the first applied
-
-
-def format_of(model: nn.Module) -> Optional[PeftFormat]:
-    """The format of the model's adapter, or None when it has none."""
-    return next((method for method in FORMATS if method.is_applied(model)), None)
-
-
-def format_named(peft_type: str) -> Optional[PeftFormat]:
-    return next((method for method in FORMATS if method.peft_type == peft_type), None)
