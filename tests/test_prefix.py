@@ -189,16 +189,3 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
         logits = ours(ids, attention_mask=mask)
         assert (logits - theirs(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-5
         assert torch.equal(logits, reloaded(ids, attention_mask=mask))
-
-
-def test_disable_adapters_runs_the_base_model(tiny_hf_dir):
-    from gpt2lite.peft import disable_adapters
-
-    base = GPT2.from_pretrained(str(tiny_hf_dir)).eval()
-    model = copy.deepcopy(base)
-    add_prefix(model, N_TOKENS)
-    ids = torch.randint(0, 50257, (2, 6))
-    with torch.no_grad():
-        with disable_adapters(model):
-            assert torch.equal(model(ids), base(ids))
-        assert not torch.allclose(model(ids), base(ids))

@@ -257,16 +257,3 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
         logits = ours(ids)
         assert (logits - theirs(input_ids=ids).logits).abs().max() < 1e-5
         assert torch.equal(logits, reloaded(ids))
-
-
-def test_disable_adapters_runs_the_base_model(tiny_hf_dir):
-    from gpt2lite.peft import disable_adapters
-
-    base = GPT2.from_pretrained(str(tiny_hf_dir)).eval()
-    model = copy.deepcopy(base)
-    add_soft_prompt(model, N_TOKENS)
-    ids = torch.randint(0, 50257, (2, 6))
-    with torch.no_grad():
-        with disable_adapters(model):
-            assert torch.equal(model(ids), base(ids))
-        assert not torch.allclose(model(ids), base(ids))
