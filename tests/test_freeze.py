@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification, count_parameters
-from gpt2lite.peft import LoRALinear, MethodConfig, ModulesToSave, add_bitfit, apply, freeze_layers
+from gpt2lite.peft import LoRALinear, MethodConfig, ModulesToSave, add_bitfit, apply, disable_adapters, freeze_layers
 
 TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
                        [40, 588, 257, 922, 1492, 546, 616, 3290, 290, 340]])
@@ -105,3 +105,45 @@ def test_apply_accepts_configs_dicts_and_names_and_refuses_unknown_ones(tiny_hf_
         apply(load(tiny_hf_dir), "adapterdrop")
     with pytest.raises(ValueError, match="unknown method option\\(s\\) \\['r'\\]"):
         apply(load(tiny_hf_dir), {"name": "lora", "r": 8})
+    with pytest.raises(ValueError, match="method 'prompt' does not read rank=4 \\(an option of lora and qlora\\)"):
+        apply(load(tiny_hf_dir), {"name": "prompt", "rank": 4})
+
+
+def test_method_config_refuses_options_of_another_method():
+    takes = "'prompt' takes \\['n_tokens', 'init_text'\\]"
+    with pytest.raises(ValueError, match="method 'prompt' does not read rank=8 .*" + takes):
+        MethodConfig.from_value({"name": "prompt", "rank": 8})  # named, though at its default value
+    with pytest.raises(ValueError, match="'lora' does not read n_tokens=5 \\(an option of prompt and prefix\\)"):
+        MethodConfig(name="lora", n_tokens=5)
+    with pytest.raises(ValueError, match="method 'qlora' does not read projection=True"):
+        MethodConfig(name="qlora", projection=True)
+    with pytest.raises(ValueError, match="method 'ia3' does not read targets=\\['c_attn'\\].*takes no options"):
+        MethodConfig.from_value({"name": "ia3", "targets": ["c_attn"]})
+    assert MethodConfig(name="qlora", rank=4, compute_dtype="bfloat16").rank == 4  # its own options pass
+
+
+ADAPTERS = {  # every method with an adapter to switch off, as apply() names it
+    "lora": {"name": "lora", "rank": 4, "alpha": 8, "targets": ["c_attn"]},
+    "prompt": {"name": "prompt", "n_tokens": 5},
+    "prefix": {"name": "prefix", "n_tokens": 5},
+    "ia3": {"name": "ia3"},
+}
+
+
+@pytest.mark.parametrize("head", ["lm", "classifier"])
+@pytest.mark.parametrize("method", sorted(ADAPTERS))
+def test_disable_adapters_runs_the_base_model(tiny_hf_dir, tiny_hf_classifier_dir, method, head):
+    """Inside disable_adapters every method's adapter (and a classifier's trained score copy) is off: the
+    base model's logits exactly; afterwards the adapter is back."""
+    base = load(tiny_hf_dir) if head == "lm" else load(tiny_hf_classifier_dir, GPT2ForSequenceClassification)
+    model = apply(copy.deepcopy(base), ADAPTERS[method])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking: LoRA's B and IA3's vectors start where they change nothing
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    ids = torch.randint(0, 50000, (2, 6), generator=generator)
+    with torch.no_grad():
+        with disable_adapters(model):
+            assert torch.equal(model(ids), base(ids))
+        assert not torch.allclose(model(ids), base(ids))

@@ -1,15 +1,14 @@
 """IA3 against peft: peft's GPT-2 defaults, parameter counts, logits, peft's file format."""
 
 import copy
-import json
 
 import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, count_parameters
 from gpt2lite.hf import default_targets
-from gpt2lite.peft.ia3 import add_ia3, ia3_layers, is_applied, load_peft
-from gpt2lite.peft.ia3 import save_peft
+from gpt2lite.peft import load_adapter, save_adapter
+from gpt2lite.peft.ia3 import add_ia3, ia3_layers, is_applied
 
 
 def hf_lm(directory):
@@ -113,7 +112,7 @@ def test_peft_format_round_trips_both_ways(tiny_hf_dir, tmp_path):
     ours = GPT2.from_pretrained(str(tiny_hf_dir)).eval()
     add_ia3(ours)
     randomise_vectors(ours, seed=3)
-    save_peft(ours, str(tmp_path / "ours"))
+    save_adapter(ours, str(tmp_path / "ours"))
     theirs = peft.PeftModel.from_pretrained(hf_lm(tiny_hf_dir), str(tmp_path / "ours")).eval()
     ids = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
@@ -122,7 +121,7 @@ def test_peft_format_round_trips_both_ways(tiny_hf_dir, tmp_path):
     theirs = peft.get_peft_model(hf_lm(tiny_hf_dir), peft.IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
     theirs.save_pretrained(str(tmp_path / "theirs"))  # random vectors
     loaded = GPT2.from_pretrained(str(tiny_hf_dir)).eval()
-    load_peft(loaded, str(tmp_path / "theirs"), json.loads((tmp_path / "theirs" / "adapter_config.json").read_text()))
+    load_adapter(loaded, str(tmp_path / "theirs"))
     assert is_applied(loaded)
     with torch.no_grad():
         assert (loaded(ids) - theirs.eval()(input_ids=ids).logits).abs().max() < 1e-5
@@ -137,11 +136,10 @@ def test_bad_input_gets_clear_errors(tiny_hf_dir, tmp_path):
     add_ia3(model)
     with pytest.raises(ValueError, match="already applied"):
         add_ia3(model)
-    save_peft(model, str(tmp_path))
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    save_adapter(model, str(tmp_path))
     wider = GPT2(GPT2Config.from_name("tiny").replace(n_embd=128))
     with pytest.raises(ValueError, match="another model size"):
-        load_peft(wider, str(tmp_path), config)
+        load_adapter(wider, str(tmp_path))
 
 
 def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp_path):
@@ -156,28 +154,14 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
     randomise_vectors(ours, seed=4)
     with torch.no_grad():
         ours.score.modules_to_save.weight.normal_()  # the trainable copy, as in peft
-    save_peft(ours, str(tmp_path))
+    save_adapter(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(
         transformers.GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)), str(tmp_path)).eval()
     reloaded = GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)).eval()
-    load_peft(reloaded, str(tmp_path), json.loads((tmp_path / "adapter_config.json").read_text()))
+    load_adapter(reloaded, str(tmp_path))
     ids = torch.randint(0, 50000, (3, 8))
     mask = torch.ones_like(ids)
     with torch.no_grad():
         logits = ours(ids, attention_mask=mask)
         assert (logits - theirs(input_ids=ids, attention_mask=mask).logits).abs().max() < 1e-5
         assert torch.equal(logits, reloaded(ids, attention_mask=mask))
-
-
-def test_disable_adapters_runs_the_base_model(tiny_hf_dir):
-    from gpt2lite.peft.lora import disable_adapters
-
-    base = GPT2.from_pretrained(str(tiny_hf_dir)).eval()
-    model = copy.deepcopy(base)
-    add_ia3(model)
-    randomise_vectors(model)
-    ids = torch.randint(0, 50257, (2, 6))
-    with torch.no_grad():
-        with disable_adapters(model):
-            assert torch.equal(model(ids), base(ids))
-        assert not torch.allclose(model(ids), base(ids))

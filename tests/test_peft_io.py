@@ -165,7 +165,7 @@ def test_gradients_equal_peft(case, bases, tmp_path):
     """Same adapter, same loss: the same gradient for every adapter tensor (named as peft saves them)."""
     import peft
 
-    from gpt2lite.peft.adapter_io import lora_state_dict
+    from gpt2lite.peft.peft_format import LoRAFormat, peft_tensors
 
     ours_options, _ = CASES[case]
     model = add_lora(ours_base(case, bases), rank=4, alpha=8, targets=TARGETS, **ours_options)
@@ -176,7 +176,7 @@ def test_gradients_equal_peft(case, bases, tmp_path):
     theirs(input_ids=TOKENS, labels=TOKENS).loss.backward()
     their_grads = {name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad
                    for name, p in theirs.named_parameters() if p.requires_grad}  # peft's names -> its saved keys
-    ours_grads = {key: p.grad for key, p in lora_state_dict(model).items()}
+    ours_grads = {key: p.grad for key, p in peft_tensors(model, LoRAFormat()).items()}
     assert set(ours_grads) == set(their_grads) and len(ours_grads) > 8
     for key, grad in ours_grads.items():
         torch.testing.assert_close(grad, their_grads[key], atol=1e-6, rtol=1e-4, msg=key)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, Tokenizer, count_parameters, generate
-from gpt2lite.peft.prompt import add_soft_prompt, is_applied, load_peft, save_peft, soft_prompt
+from gpt2lite.peft import load_adapter, save_adapter
+from gpt2lite.peft.prompt import add_soft_prompt, is_applied, soft_prompt
 
 N_TOKENS = 5
 
@@ -188,7 +189,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(pair, tiny_hf_dir, tmp
     import peft
 
     ours, _ = pair
-    save_peft(ours, str(tmp_path))
+    save_adapter(ours, str(tmp_path))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
     theirs = peft.PeftModel.from_pretrained(hf_lm(tiny_hf_dir), str(tmp_path)).eval()
     ids = torch.randint(0, 50257, (2, 6))
@@ -204,7 +205,7 @@ def test_peft_saved_adapter_loads_in_gpt2lite(tiny_hf_dir, tmp_path):
         task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init="SAMPLE_VOCAB")).eval()
     theirs.save_pretrained(str(tmp_path))
     ours = GPT2.from_pretrained(str(tiny_hf_dir)).eval()
-    load_peft(ours, str(tmp_path), json.loads((tmp_path / "adapter_config.json").read_text()))
+    load_adapter(ours, str(tmp_path))
     assert is_applied(ours) and ours.num_virtual_tokens == 7
     ids = torch.randint(0, 50257, (2, 6))
     with torch.no_grad():
@@ -228,11 +229,10 @@ def test_bad_input_gets_clear_errors(tiny_hf_dir, tmp_path):
         model(too_long)
     with pytest.raises(ValueError, match="exceed the context"):
         generate(model, torch.zeros(1, 100, dtype=torch.long), 30)
-    save_peft(model, str(tmp_path))
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    save_adapter(model, str(tmp_path))
     other = GPT2(GPT2Config.from_name("tiny").replace(n_embd=32, n_head=2))
     with pytest.raises(ValueError, match="token_dim"):
-        load_peft(other, str(tmp_path), config)
+        load_adapter(other, str(tmp_path))
 
 
 def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp_path):
@@ -247,26 +247,13 @@ def test_classifier_adapter_round_trips_through_peft(tiny_hf_classifier_dir, tmp
     assert count_parameters(ours)[0] == N_TOKENS * 64 + 20 * 64  # the new score head trains too, as in peft
     with torch.no_grad():
         ours.score.modules_to_save.weight.normal_()  # a "trained" head (the trainable copy, as in peft)
-    save_peft(ours, str(tmp_path))
+    save_adapter(ours, str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(
         transformers.GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)), str(tmp_path)).eval()
     reloaded = GPT2ForSequenceClassification.from_pretrained(str(tiny_hf_classifier_dir)).eval()
-    load_peft(reloaded, str(tmp_path), json.loads((tmp_path / "adapter_config.json").read_text()))
+    load_adapter(reloaded, str(tmp_path))
     ids = torch.randint(0, 50000, (3, 8))  # no padding: transformers finds no pad token in inputs_embeds
     with torch.no_grad():
         logits = ours(ids)
         assert (logits - theirs(input_ids=ids).logits).abs().max() < 1e-5
         assert torch.equal(logits, reloaded(ids))
-
-
-def test_disable_adapters_runs_the_base_model(tiny_hf_dir):
-    from gpt2lite.peft.lora import disable_adapters
-
-    base = GPT2.from_pretrained(str(tiny_hf_dir)).eval()
-    model = copy.deepcopy(base)
-    add_soft_prompt(model, N_TOKENS)
-    ids = torch.randint(0, 50257, (2, 6))
-    with torch.no_grad():
-        with disable_adapters(model):
-            assert torch.equal(model(ids), base(ids))
-        assert not torch.allclose(model(ids), base(ids))

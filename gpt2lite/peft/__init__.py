@@ -3,10 +3,11 @@
 `apply(model, MethodConfig(name=...))` switches between them by name; adapters save and load in peft's format.
 """
 
+from .adapter import disable_adapters, train_only
 from .adapter_io import load_adapter, save_adapter
+from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning, untie_lm_head
 from .ia3 import add_ia3
-from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning, train_only, untie_lm_head
-from .lora import LoRALinear, add_lora, disable_adapters, merge_and_unload, merge_lora, unmerge_lora
+from .lora import DoRALinear, LoRALinear, add_lora, merge_and_unload, merge_lora, unmerge_lora
 from .methods import METHODS, MethodConfig, apply
 from .modules_to_save import ModulesToSave, add_modules_to_save
 from .prefix import add_prefix
@@ -14,6 +15,6 @@ from .prompt import add_soft_prompt
 from .qlora import NF4Linear, quantize_nf4
 
 __all__ = ["add_lora", "merge_lora", "unmerge_lora", "merge_and_unload", "disable_adapters", "LoRALinear",
-           "freeze_layers", "untie_lm_head", "add_bitfit", "full_finetuning", "frozen_baseline", "train_only",
-           "ModulesToSave", "add_modules_to_save", "save_adapter", "load_adapter", "MethodConfig", "apply",
-           "METHODS", "quantize_nf4", "NF4Linear", "add_soft_prompt", "add_prefix", "add_ia3"]
+           "DoRALinear", "freeze_layers", "untie_lm_head", "add_bitfit", "full_finetuning", "frozen_baseline",
+           "train_only", "ModulesToSave", "add_modules_to_save", "save_adapter", "load_adapter", "MethodConfig",
+           "apply", "METHODS", "quantize_nf4", "NF4Linear", "add_soft_prompt", "add_prefix", "add_ia3"]

@@ -1,7 +1,6 @@
-"""Choosing what trains: full fine-tuning, the frozen baseline, the last N blocks, BitFit.
+"""Choosing what trains without an adapter: full fine-tuning, the frozen baseline, the last N blocks, BitFit.
 
-`train_only` is the one place that sets `requires_grad`; every method (LoRA included) calls it with the
-parameters it declares, so nothing is made trainable by matching a substring of a name.
+Each calls adapter.train_only, the one place that sets `requires_grad`.
 
 GPT-2 ties `lm_head` to `transformer.wte`. Training "the head" is therefore an explicit choice:
     head="tied"    train the shared matrix (the token embeddings change too)
@@ -12,33 +11,13 @@ A sequence classifier's `score` head is new and random, so its methods keep it t
 
 from __future__ import annotations
 
-from typing import Iterable, List, Optional
+from typing import Optional
 
 import torch.nn as nn
 
+from .adapter import classifier_head_parameters, is_classifier, train_only
+
 LM_HEAD_CHOICES = ("none", "tied", "untied")
-
-
-def train_only(model: nn.Module, parameters: Iterable[nn.Parameter]) -> nn.Module:
-    """Make exactly `parameters` trainable and freeze every other parameter of `model`."""
-    keep = {id(p) for p in parameters}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-    return model
-
-
-def is_classifier(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "score", None), nn.Module)
-
-
-def classifier_head_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The score head of a sequence classifier (its trainable copy if wrapped), or [] for a language model."""
-    if not is_classifier(model):
-        return []
-    score = model.score
-    if hasattr(score, "adapter_parameters"):
-        return score.adapter_parameters()
-    return list(score.parameters())
 
 
 def full_finetuning(model: nn.Module) -> nn.Module:

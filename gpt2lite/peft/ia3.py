@@ -10,22 +10,15 @@ An IA3Linear takes over the base nn.Linear's weight and bias, so state-dict keys
 
 from __future__ import annotations
 
-import os
-import re
-from typing import Optional, Sequence, Union
+from typing import Collection, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from ..hf import CheckpointError, default_targets, stores_transposed
+from ..hf import default_targets
 from ..linear import linear
-from .freeze import classifier_head_parameters, train_only
+from .adapter import adapter_parameters, train_classifier_head, train_only
 from .inject import as_patterns, find_targets, matches, replace_modules, unchanged_on_error
-from .modules_to_save import train_classifier_head
-from .prompt import load_score_head, read_peft_tensors, score_head_hint, score_head_tensors, task_type
-from .prompt import write_peft_files
-
-PEFT_PREFIX = "base_model.model."
 
 
 class IA3Linear(nn.Module):
@@ -74,91 +67,25 @@ def add_ia3(model: nn.Module, targets: Optional[Union[str, Sequence[str]]] = Non
         if not any(matches(n, pattern) for n in names):
             raise ValueError(f"feedforward pattern {pattern!r} matches none of the targets {list(targets)}; "
                              "feed-forward modules must be a subset of the targets")
-    return _wrap(model, names, feedforward_names)
+    return add_ia3_layers(model, names, feedforward_names)
 
 
-def _wrap(model, names, feedforward_names):
+def add_ia3_layers(model: nn.Module, names: Sequence[str], feedforward_names: Collection[str]) -> nn.Module:
+    """Wrap the named modules in IA3Linear (feed-forward for those in `feedforward_names`) and freeze the
+    rest, a classifier's score copy apart; all or nothing: a module that is not an nn.Linear changes nothing."""
     twice = [n for n in names if isinstance(model.get_submodule(n), IA3Linear)]
     if twice:
         raise ValueError(f"IA3 is already applied to {twice}")
     with unchanged_on_error(model):  # a target that is not an nn.Linear is found midway
         replace_modules(model, names, lambda name, module: IA3Linear(module, name in feedforward_names))
         head = train_classifier_head(model)
-    model.ia3_settings = dict(targets=list(names), feedforward=sorted(feedforward_names))
-    parameters = [p for m in model.modules() if isinstance(m, IA3Linear) for p in m.adapter_parameters()]
-    return train_only(model, parameters + head)
+    return train_only(model, adapter_parameters(model, (IA3Linear,)) + head)
 
 
 def ia3_layers(model: nn.Module):
+    """{name: IA3Linear} of the model, in order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, IA3Linear)}
 
 
 def is_applied(model: nn.Module) -> bool:
     return bool(ia3_layers(model))
-
-
-# --- peft's format: "base_model.model.<name>.ia3_l", (out, 1) or, feed-forward, (1, in) -------------
-
-def save_peft(model: nn.Module, directory: str):
-    layers = ia3_layers(model)
-    if not layers:
-        raise ValueError("the model has no IA3 layers; call add_ia3 first")
-    feedforward = [n for n, m in layers.items() if m.feedforward]
-    adapter_config = {
-        "peft_type": "IA3", "task_type": task_type(model), "target_modules": list(layers),
-        "feedforward_modules": feedforward, "fan_in_fan_out": stores_transposed(model),
-        "init_ia3_weights": True, "inference_mode": True, "base_model_name_or_path": None, "revision": None,
-        "modules_to_save": ["classifier", "score"] if classifier_head_parameters(model) else None,
-        "exclude_modules": None, "auto_mapping": None,
-    }
-    tensors = {f"{PEFT_PREFIX}{name}.ia3_l": m.ia3_l.view(1, -1) if m.feedforward else m.ia3_l.view(-1, 1)
-               for name, m in layers.items()}
-    write_peft_files(directory, adapter_config, {**tensors, **score_head_tensors(model, PEFT_PREFIX)})
-
-
-def load_peft(model: nn.Module, directory: str, adapter_config: dict) -> nn.Module:
-    """Load a peft IA3 adapter: wrap its target modules if the model has no IA3 yet, then copy the vectors.
-    All or nothing: on a CheckpointError the model is unchanged."""
-    from .adapter_io import check_adapter_tensors
-
-    config_path = os.path.join(directory, "adapter_config.json")
-    if adapter_config.get("peft_type") != "IA3":
-        raise CheckpointError(f"{config_path}: expected an IA3 adapter, got peft_type="
-                              f"{adapter_config.get('peft_type')!r}")
-    if not adapter_config.get("target_modules"):
-        raise CheckpointError(f"{config_path} has no target_modules: an IA3 adapter names the layers it scales "
-                              '(e.g. "target_modules": ["c_attn", "mlp.c_proj"])')
-    path, tensors = read_peft_tensors(directory)
-    with unchanged_on_error(model):
-        if not is_applied(model):
-            try:
-                names = _peft_names(model, adapter_config["target_modules"])
-                feedforward = _peft_names(model, adapter_config.get("feedforward_modules") or [], among=names)
-                _wrap(model, names, set(feedforward))
-            except (ValueError, TypeError) as error:
-                raise CheckpointError(f"{config_path}: {error}") from None
-        layers = ia3_layers(model)
-        expected = {f"{PEFT_PREFIX}{name}.ia3_l": torch.Size((1, m.in_features) if m.feedforward else
-                                                             (m.out_features, 1)) for name, m in layers.items()}
-        expected.update({k: v.shape for k, v in score_head_tensors(model, PEFT_PREFIX).items()})
-        check_adapter_tensors(path, tensors, expected, "the adapter was made for another model size or set of "
-                              "target modules? " + score_head_hint(model))
-        with torch.no_grad():
-            for name, layer in layers.items():
-                layer.ia3_l.copy_(tensors[f"{PEFT_PREFIX}{name}.ia3_l"].reshape(-1))
-        load_score_head(model, tensors, PEFT_PREFIX)
-    return model
-
-
-def _peft_names(model, modules: Optional[Union[str, Sequence[str]]], among=None):
-    """Module names that peft's target_modules / feedforward_modules select (a list of suffixes, or a
-    regular expression matched against the whole name)."""
-    if isinstance(modules, str):
-        names = [n for n, _ in model.named_modules() if re.fullmatch(modules, n)]
-    else:
-        names = [n for n, _ in model.named_modules() if n and any(matches(n, p) for p in modules or [])]
-    if among is not None:
-        names = [n for n in names if n in among]
-    elif not names:
-        raise ValueError(f"the adapter's target_modules {modules!r} match no module of this model")
-    return names

@@ -36,6 +36,21 @@ def as_patterns(targets: Union[str, Sequence[str]], what: str = "targets") -> Li
     return patterns
 
 
+def select_modules(model: nn.Module, modules: Union[str, Sequence[str]], among: Optional[Sequence[str]] = None):
+    """Module names that a peft config's target_modules / feedforward_modules select: a list of names
+    matched as above, or a string, a regular expression matched against the whole name. Kept to `among`
+    if given; otherwise a ValueError if nothing matches."""
+    if isinstance(modules, str):
+        names = [n for n, _ in model.named_modules() if re.fullmatch(modules, n)]
+    else:
+        names = [n for n, _ in model.named_modules() if n and any(matches(n, p) for p in modules or [])]
+    if among is not None:
+        names = [n for n in names if n in among]
+    elif not names:
+        raise ValueError(f"the adapter's target_modules {modules!r} match no module of this model")
+    return names
+
+
 def find_targets(model: nn.Module, targets: Union[str, Sequence[str]],
                  layers_to_transform: Optional[Union[int, Iterable[int]]] = None,
                  exclude: Sequence[str] = ()) -> List[str]:

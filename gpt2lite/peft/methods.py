@@ -3,53 +3,58 @@
     apply(model, {"name": "lora", "rank": 8, "alpha": 16, "targets": ["c_attn"]})
 
 Afterwards exactly the method's parameters are trainable. For a GPT2ForSequenceClassification the new
-`score` head stays trainable, as peft does for SEQ_CLS tasks: LoRA and QLoRA put it in modules_to_save
-(saved with the adapter, the frozen original kept beside the copy, as in peft, so counts equal peft's);
-"frozen" becomes a linear probe; last_n, bitfit, prompt, prefix and IA3 train it in place.
+`score` head stays trainable, as peft does for SEQ_CLS tasks: LoRA, QLoRA, prompt, prefix and IA3 put it in
+modules_to_save (saved with the adapter, the frozen original kept beside the copy, as in peft, so counts
+equal peft's); "frozen" becomes a linear probe; last_n and bitfit train it in place.
+
+An option of another method is refused (`rank` with "prompt"): it would be silently ignored otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from ..hf import default_targets
-from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning, is_classifier
+from .adapter import is_classifier
+from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning
 from .lora import add_lora
 
 METHODS = ("full", "frozen", "lora", "qlora", "prompt", "prefix", "last_n", "bitfit", "ia3")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def option(default: Any, *methods: str):
+    """A MethodConfig field that only `methods` read."""
+    return field(default=default, metadata={"methods": methods})
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """A fine-tuning method and its options; only the options of `name` are read."""
+    """A fine-tuning method and its options; an option of another method is refused."""
 
     name: str
-    # lora, qlora
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: Optional[Tuple[str, ...]] = None  # None: the architecture's (GPT-2: c_attn; GPT-Neo: q_proj, v_proj)
-    bias: str = "none"  # "none" | "all" | "lora_only"
-    rslora: bool = False
-    dora: bool = False
-    layers_to_transform: Optional[Tuple[int, ...]] = None
-    modules_to_save: Optional[Tuple[str, ...]] = None  # classifiers add "score" themselves
-    # qlora
-    compute_dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
-    double_quant: bool = True
-    # prompt, prefix
-    n_tokens: int = 20
-    init_text: Optional[str] = None
-    projection: bool = False  # prefix tuning's MLP reparametrisation
-    # last_n
-    n_layers: int = 2
-    head: Optional[str] = None  # see freeze.freeze_layers
+    rank: int = option(8, "lora", "qlora")
+    alpha: float = option(16.0, "lora", "qlora")
+    dropout: float = option(0.0, "lora", "qlora")
+    # None: the architecture's (GPT-2: c_attn; GPT-Neo: q_proj, v_proj)
+    targets: Optional[Tuple[str, ...]] = option(None, "lora", "qlora")
+    bias: str = option("none", "lora", "qlora")  # "none" | "all" | "lora_only"
+    rslora: bool = option(False, "lora", "qlora")
+    dora: bool = option(False, "lora", "qlora")
+    layers_to_transform: Optional[Tuple[int, ...]] = option(None, "lora", "qlora")
+    modules_to_save: Optional[Tuple[str, ...]] = option(None, "lora", "qlora")  # classifiers add "score" themselves
+    compute_dtype: str = option("float32", "qlora")  # "float32" | "bfloat16" | "float16"
+    double_quant: bool = option(True, "qlora")
+    n_tokens: int = option(20, "prompt", "prefix")
+    init_text: Optional[str] = option(None, "prompt")
+    projection: bool = option(False, "prefix")  # prefix tuning's MLP reparametrisation
+    n_layers: int = option(2, "last_n")
+    head: Optional[str] = option(None, "last_n")  # see freeze.freeze_layers
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -62,6 +67,9 @@ class MethodConfig:
                 object.__setattr__(self, name, tuple(value))
             elif isinstance(value, (str, int)) and not isinstance(value, bool):
                 object.__setattr__(self, name, (value,))
+        changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if f.name != "name" and getattr(self, f.name) != f.default}
+        refuse_other_options(self.name, changed)
 
     @classmethod
     def from_value(cls, value: Union["MethodConfig", dict, str]) -> "MethodConfig":
@@ -75,8 +83,21 @@ class MethodConfig:
             unknown = sorted(set(value) - known)
             if unknown:
                 raise ValueError(f"unknown method option(s) {unknown}; MethodConfig has {sorted(known)}")
+            if value.get("name") in METHODS:  # options given at their default values are refused too
+                refuse_other_options(value["name"], {k: v for k, v in value.items() if k != "name"})
             return cls(**value)
         raise TypeError(f"method_config must be a MethodConfig, a dict or a method name, got {type(value).__name__}")
+
+
+def refuse_other_options(method: str, options: Mapping[str, Any]):
+    """Raise a ValueError naming each option in `options` that `method` does not read."""
+    readers = {f.name: f.metadata.get("methods", ()) for f in dataclasses.fields(MethodConfig)}
+    foreign = [f"{key}={value!r} (an option of {' and '.join(readers[key])})" for key, value in options.items()
+               if method not in readers[key]]
+    if foreign:
+        own = [key for key, methods in readers.items() if method in methods]
+        raise ValueError(f"method {method!r} does not read {', '.join(foreign)}; remove it, or choose that method. "
+                         f"{method!r} takes {own or 'no options'}")
 
 
 def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn.Module:

@@ -16,7 +16,6 @@ from typing import List, Sequence
 
 import torch.nn as nn
 
-from .freeze import classifier_head_parameters, is_classifier
 from .inject import as_patterns, find_targets, matches, replace_modules
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def add_modules_to_save(model: nn.Module, names: Sequence[str]) -> List[str]:
     """Wrap each module that `names` match (peft's suffix rule) in ModulesToSave; returns the wrapped names.
 
     Names that match nothing are ignored (as in peft); already wrapped modules are left as they are.
-    Trainability is set by the caller (freeze.train_only).
+    Trainability is set by the caller (adapter.train_only).
     """
     patterns = as_patterns(names, "modules_to_save")
     module_names = [n for n, _ in model.named_modules() if n]
@@ -85,11 +84,3 @@ def modules_to_save_of(model: nn.Module):
     """{name: wrapper} of every ModulesToSave in the model."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSave)}
 
-
-def train_classifier_head(model: nn.Module) -> List[nn.Parameter]:
-    """As peft does for SEQ_CLS: wrap a classifier's new `score` head in ModulesToSave (a trainable copy
-    beside the frozen original, saved with the adapter); returns the copy's parameters ([] for a
-    language model)."""
-    if is_classifier(model):
-        add_modules_to_save(model, ["score"])
-    return classifier_head_parameters(model)

@@ -5,11 +5,11 @@ The prefix is a table (n, n_layer * 2 * n_embd), or, with the reparametrisation,
 passed through an MLP (Linear, tanh, Linear) to that table (peft's PrefixEncoder with prefix_projection).
 Layer i reads its keys from slice 2i and its values from slice 2i+1, as peft lays them out.
 
-It is injected into the model (`model.transformer.virtual_tokens`) as the first n positions of the
-attention cache: without a KV cache a one-pass `PrefixCache` holds it; with gpt2lite.generate's KVCache
-it is written into the cache at the first call (generate reserves `model.num_virtual_tokens` slots). As
-with peft and transformers' GPT-2, real tokens take positions n, n+1, ... (passed position ids are
-shifted by n) and the attention mask gains n leading ones.
+It is injected into the model (`model.transformer.virtual_tokens`, see virtual_tokens.py) as the first n
+positions of the attention cache: without a KV cache a one-pass `PrefixCache` holds it; with
+gpt2lite.generate's KVCache it is written into the cache at the first call (generate reserves
+`model.num_virtual_tokens` slots). As with peft and transformers' GPT-2, real tokens take positions n,
+n+1, ... (passed position ids are shifted by n) and the attention mask gains n leading ones.
 """
 
 from __future__ import annotations
@@ -19,12 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..hf import CheckpointError
-from .freeze import train_only
-from .inject import unchanged_on_error
-from .modules_to_save import train_classifier_head
-from .prompt import check_prompt_learning_config, check_virtual_tokens, mask_with_virtual_tokens, read_prompt_table
-from .prompt import load_score_head, prompt_learning_config, score_head_hint, score_head_tensors, write_peft_files
+from .virtual_tokens import VirtualTokens, check_virtual_tokens, install, mask_with_virtual_tokens
 
 
 class PrefixCache:
@@ -44,7 +39,7 @@ class PrefixCache:
         """Nothing to keep: the cache lives for one forward pass."""
 
 
-class Prefix(nn.Module):
+class Prefix(VirtualTokens):
     """Trainable per-layer key/value prefixes, optionally through an MLP (the reparametrisation)."""
 
     def __init__(self, n_tokens: int, n_layer: int, n_head: int, n_embd: int, projection_dim: Optional[int] = None,
@@ -62,14 +57,6 @@ class Prefix(nn.Module):
                 nn.Linear(n_embd, projection_dim, device=device), nn.Tanh(),
                 nn.Linear(projection_dim, table_width, device=device),
             )
-        self.adapter_enabled = True
-
-    @property
-    def n_tokens(self) -> int:
-        return self.embedding.size(0)
-
-    def adapter_parameters(self):
-        return list(self.parameters())
 
     def table(self) -> torch.Tensor:
         """The prefix table (n, n_layer * 2 * n_embd): what peft saves as "prompt_embeddings"."""
@@ -83,10 +70,8 @@ class Prefix(nn.Module):
         table = table.unsqueeze(1).expand(-1, batch_size, -1, -1, -1)  # (2L, B, nh, n, hs)
         return list(table[0::2]), list(table[1::2])
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, kv_cache):
+    def insert(self, inputs_embeds, attention_mask, position_ids, kv_cache):
         """Supply a cache that starts with the prefix; extend the mask and shift the positions by n."""
-        if not self.adapter_enabled:
-            return inputs_embeds, attention_mask, position_ids, kv_cache
         B, T, _ = inputs_embeds.shape
         n = self.n_tokens
         if kv_cache is None:
@@ -119,62 +104,13 @@ def add_prefix(model: nn.Module, n_tokens: int, projection: bool = False,
         if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim <= 0:
             raise ValueError(f"projection_dim must be a positive integer, got {projection_dim!r}")
     device = model.transformer.wte.weight.device
-    prefix = Prefix(n_tokens, config.n_layer, config.n_head, config.n_embd, projection_dim, device)
-    prefix.train(model.training)
-    head = train_classifier_head(model)
-    model.transformer.virtual_tokens = prefix
-    model.num_virtual_tokens = n_tokens
-    return train_only(model, prefix.adapter_parameters() + head)
+    return install(model, Prefix(n_tokens, config.n_layer, config.n_head, config.n_embd, projection_dim, device))
 
 
 def prefix_of(model: nn.Module) -> Optional[Prefix]:
-    module = getattr(getattr(model, "transformer", None), "virtual_tokens", None)
-    return module if isinstance(module, Prefix) else None
+    """The model's prefix, or None."""
+    return Prefix.of(model)
 
 
 def is_applied(model: nn.Module) -> bool:
     return prefix_of(model) is not None
-
-
-def save_peft(model: nn.Module, directory: str):
-    """Save as peft does (PREFIX_TUNING): the table "prompt_embeddings" (n, n_layer * 2 * n_embd); with
-    the reparametrisation, like peft, the MLP's output is saved, not the MLP."""
-    prefix = prefix_of(model)
-    if prefix is None:
-        raise ValueError("the model has no prefix; call add_prefix first")
-    adapter_config = prompt_learning_config(model, "PREFIX_TUNING", prefix.n_tokens)
-    adapter_config.update({
-        "prefix_projection": prefix.transform is not None,
-        "encoder_hidden_size": prefix.projection_dim or model.config.n_embd, "init_weights": None,
-    })
-    with torch.no_grad():
-        table = prefix.table()
-    tensors = {"prompt_embeddings": table, **score_head_tensors(model, "base_model.")}
-    write_peft_files(directory, adapter_config, tensors)
-
-
-def load_peft(model: nn.Module, directory: str, adapter_config: dict) -> nn.Module:
-    """Load a peft PREFIX_TUNING adapter. Its file holds the prefix table only, so a projected prefix
-    loads, as in peft, as a plain table (the MLP that produced it is not saved). All or nothing: on a
-    CheckpointError the model is unchanged."""
-    from .adapter_io import check_adapter_tensors
-
-    check_prompt_learning_config(model, directory, adapter_config, "PREFIX_TUNING")
-    config = model.config
-    path, tensors, table = read_prompt_table(directory, adapter_config, config.n_layer * 2 * config.n_embd)
-    with unchanged_on_error(model):
-        prefix = prefix_of(model)
-        if prefix is None:
-            add_prefix(model, table.size(0))
-            prefix = prefix_of(model)
-        if prefix.transform is not None:
-            raise CheckpointError(f"{path} holds a prefix table, but the model's prefix has an MLP projection; a "
-                                  "table loads only into a plain prefix: load it into a model without a prefix")
-        expected = {"prompt_embeddings": prefix.embedding.shape,
-                    **{k: v.shape for k, v in score_head_tensors(model, "base_model.").items()}}
-        check_adapter_tensors(path, tensors, expected, "another number of virtual tokens than the model's prefix? "
-                              + score_head_hint(model))
-        with torch.no_grad():
-            prefix.embedding.copy_(table)
-        load_score_head(model, tensors, "base_model.")
-    return model

@@ -1,8 +1,9 @@
 """QLoRA's frozen base: linear layers whose weights are stored in 4-bit NF4 and dequantized on the fly.
 
-`quantize_nf4(model)` replaces the matching nn.Linear layers by `NF4Linear`; LoRA (gpt2lite.peft.add_lora)
-then wraps those as its base layers. The packed codes and constants are buffers, not parameters, so no
-optimizer can touch them; the bias stays a frozen float parameter.
+`quantize_nf4(model)` replaces the matching nn.Linear layers by `NF4Linear`; add_lora then wraps each in a
+LoRA4bitLinear (or DoRA4bitLinear): the LoRA layers of lora.py over a base that is kept and called. The
+packed codes and constants are buffers, not parameters, so no optimizer can touch them; the bias stays a
+frozen float parameter.
 
 The float weight lives only while a matmul needs it, as in bitsandbytes' 4-bit matmul: forward dequantizes
 it, multiplies and drops it; backward dequantizes it again for the input gradient (the frozen weight has no
@@ -21,6 +22,7 @@ from ..linear import linear
 from ..hf import default_targets
 from .nf4 import NF4_BLOCK_SIZE, NF4Tensor, QuantizedAbsmax, dequantize_nf4_tensor, dynamic_map, nf4_codebook
 from .inject import find_targets, replace_modules
+from .lora import DoRALinear, LoRALinear, plain_linear
 from .nf4 import quantize_nf4_tensor
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -139,3 +141,53 @@ def quantize_nf4(model: nn.Module, targets: Optional[Sequence[str]] = None, comp
             raise ValueError(f"{name} is on the meta device; load real weights before quantizing")
     replace_modules(model, names, lambda name, linear: NF4Linear(linear, compute_dtype, double_quant, block_size))
     return names
+
+
+# --- LoRA over a 4-bit base ------------------------------------------------------------------------------
+
+
+class QuantizedBase:
+    """The base-layer half of a LoRA layer over a 4-bit NF4Linear (mixed in before LoRALinear/DoRALinear).
+
+    The base is kept as `base_layer` (state-dict keys "<name>.base_layer.weight_packed", ".base_layer.bias")
+    and called as it is; its dequantized weight stands in for W wherever LoRA or DoRA needs W. Merging is
+    refused, since 4 bits cannot hold the update; merge_and_unload dequantizes and keeps the result in float.
+    """
+
+    def take_base(self, base: nn.Module):
+        if not hasattr(base, "dequantize"):
+            raise TypeError(f"a 4-bit LoRA layer wraps a quantized linear (with dequantize()), got "
+                            f"{type(base).__name__}")
+        self.base_layer = base
+        device = next(iter([*base.parameters(), *base.buffers()])).device
+        return device, getattr(base, "compute_dtype", torch.float32)
+
+    @property
+    def base_bias(self) -> Optional[nn.Parameter]:
+        return self.base_layer.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """The dequantized weight (out, in), in the base's compute dtype."""
+        return self.base_layer.dequantize()
+
+    def base_forward(self, x):
+        return self.base_layer(x)
+
+    def merge(self):
+        raise RuntimeError(
+            f"cannot merge LoRA into a quantized {type(self.base_layer).__name__}: 4 bits cannot hold the "
+            "update. Use merge_and_unload(model), which dequantizes and keeps merged layers in float."
+        )
+
+    @torch.no_grad()
+    def unload(self) -> nn.Linear:
+        """A plain nn.Linear holding the dequantized, merged weight, in the adapter's (float) dtype."""
+        return plain_linear(self.merged_weight(), self.base_bias, self.lora_A.weight.dtype)
+
+
+class LoRA4bitLinear(QuantizedBase, LoRALinear):
+    """LoRA over a frozen 4-bit base (QLoRA): y = base(x) + scaling * B A x."""
+
+
+class DoRA4bitLinear(QuantizedBase, DoRALinear):
+    """DoRA over a frozen 4-bit base: the dequantized weight's row norms set the magnitude."""
