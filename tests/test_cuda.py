@@ -36,7 +36,7 @@ from conftest import hf_gpt2_config  # noqa: E402
 
 from gpt2lite import GPT2, GPT2Config, generate  # noqa: E402
 from gpt2lite.checkpoint import load_checkpoint  # noqa: E402
-from gpt2lite.hf import ARCHITECTURES  # noqa: E402
+from gpt2lite.architectures import ARCHITECTURES  # noqa: E402
 from gpt2lite.peft import LoRALinear, add_lora, load_adapter, quantize_nf4, save_adapter  # noqa: E402
 from gpt2lite.peft.lora import lora_trainable_parameters  # noqa: E402
 from gpt2lite.peft.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa: E402

@@ -405,7 +405,7 @@ def test_default_targets_are_peft_defaults_on_each_architectures_modules(model_t
                                       TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
                                       TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 
-    from gpt2lite.hf import default_targets
+    from gpt2lite.architectures import default_targets
     from gpt2lite.peft.inject import find_targets
 
     with torch.device("meta"):

@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..errors import DataError
+
 logger = logging.getLogger(__name__)
 
 # file extension -> the `datasets` builder that reads it
@@ -25,10 +27,6 @@ EXPECTED_CONTENT = {"json": "one JSON object per line (JSON Lines) or a JSON lis
 CANONICAL_DATASETS = {"cnn_dailymail": "abisee/cnn_dailymail", "wikitext": "Salesforce/wikitext"}
 
 DataFiles = Union[str, Sequence[str], Dict[str, Union[str, Sequence[str]]]]
-
-
-class DataError(ValueError):
-    """Data that cannot be used as given; the message says what is wrong and how to fix it."""
 
 
 def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
