@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 # ---------------------------------------------------------------------------------------------- locating
 
 
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")  # models' and datasets'
 MODEL_PATTERNS = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
 LOCAL_MODEL_HINT = ("GPT2.from_pretrained('/path/to/dir'), where the directory holds config.json and "
                     "model.safetensors (or pytorch_model.bin), e.g. one written by save_pretrained()")
@@ -56,12 +57,21 @@ def resolve(name_or_path: str, allow_patterns=MODEL_PATTERNS, local_hint: str = 
             allow_patterns=list(allow_patterns),
         )
     except Exception as error:  # offline, unknown repo, no network: say what to do instead
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        switch = offline_switch(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # those huggingface_hub reads
         raise CheckpointError(
             f"could not get {name_or_path!r} from the Hugging Face Hub"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(error).__name__}: {error}\n"
+            f"{f' ({switch} is set)' if switch else ''}: {type(error).__name__}: {error}\n"
             f"To load weights without the network, pass a local directory instead: {local_hint}."
         ) from None
+
+
+def offline_switch(switches: Sequence[str] = OFFLINE_SWITCHES) -> Optional[str]:
+    """The name of the first of `switches` (environment variables) that is set, or None. Set means a value
+    huggingface_hub and datasets read as true: 1, ON, YES or TRUE in any case."""
+    for switch in switches:
+        if os.environ.get(switch, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return switch
+    return None
 
 
 def _download_bin_if_needed(directory: str, name_or_path: str) -> str:

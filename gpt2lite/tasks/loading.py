@@ -14,6 +14,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Union
 
 from ..errors import DataError
+from ..hf import offline_switch
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     offline switch is set. Checked before hub calls because `datasets` retries an unreachable hub for half a
     minute. The question goes through huggingface_hub's own HTTP session, as the downloads will: through
     the proxy that HTTPS_PROXY / HTTP_PROXY name, with its offline mode. Any HTTP answer counts as reachable;
-    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable."""
-    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(switch, "0").lower() not in ("0", "", "false", "no"):
-            return False
+    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable. The
+    offline switches are hf.offline_switch's."""
+    if offline_switch() is not None:
+        return False
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
