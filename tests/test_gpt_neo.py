@@ -11,6 +11,7 @@ import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, Tokenizer, count_parameters, generate
 from gpt2lite.gpt_neo import GPTNeoSelfAttention, compress_attention_layers, config_to_hf, expand_attention_types
 from gpt2lite.hf import CheckpointError
+from helpers import save_random
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,13 +24,6 @@ NEO_125M = dict(hidden_size=768, num_layers=12, num_heads=12, attention_types=[[
 
 def hf_neo_config(**overrides):
     return transformers.GPTNeoConfig(**{**TINY_NEO, **overrides})
-
-
-def save_random(model_class, config, directory, seed):
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    model.save_pretrained(str(directory))
-    return model
 
 
 @pytest.fixture(scope="module")
