@@ -100,7 +100,9 @@ class LoRALinear(nn.Module):
         if self.merged or not self.adapter_enabled:
             return result
         lora_dtype = self.lora_A.weight.dtype
-        dropped = self.lora_dropout(x).to(lora_dtype)
+        dropped = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast lora_A casts to bf16 anyway)
+            dropped = dropped.to(lora_dtype)
         lora = self.lora_B(self.lora_A(dropped)) * self.scaling  # (..., out)
         if self.lora_magnitude_vector is None:
             return result + lora.to(result.dtype)
