@@ -42,6 +42,7 @@ from .precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyperparameters and bookkeeping of one training run (validated on construction)."""
@@ -213,7 +214,8 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     Summary keys: steps, epochs_completed, stopped_by, best_train_loss (lowest logged loss),
     final_train_loss, best_val_loss, best_step, wall_time_s, tokens_per_s, peak_memory_mb, checkpoint_mb
     (size of the trainable-weights file), model_file, trainable_params, total_params, skipped_steps,
-    precision (the one trained in: "auto" resolved), history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
+    precision (the one trained in: "auto" resolved),
+    history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
     """
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty: check the data files, columns and data_fraction/max_samples")
