@@ -7,7 +7,7 @@ tokenizer and 50,257-token vocabulary) on text that every Python installation ca
 `tasks.docstrings.pretraining_texts`, the standard library's docstrings and comments, without the
 summarization corpus's validation and test examples.
 
-    model, metadata = load_or_pretrain(PretrainConfig(steps=900))  # minutes the first time, then cached
+    model, metadata = load_or_pretrain(PretrainConfig(steps=450))  # minutes the first time, then cached
 
 One trick keeps this to a few minutes on two cores. The LM head (n_embd x 50,257) is most of a small
 model's compute, but the corpus uses only ~15,000 distinct tokens; during pretraining the softmax runs
@@ -53,7 +53,7 @@ class PretrainConfig:
     """What to pretrain, on what, for how long. Every field is part of the cache key."""
 
     preset: str = "demo"  # GPT2Config preset; its n_positions is the training block length
-    steps: int = 900  # optimizer steps
+    steps: int = 450  # optimizer steps
     batch_size: int = 16  # blocks of n_positions tokens per step
     lr: float = 3e-3  # peak; warmup, then cosine decay to 0
     warmup_steps: int = 30
