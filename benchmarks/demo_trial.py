@@ -24,12 +24,12 @@ from gpt2lite.pretrain import PretrainConfig  # noqa: E402
 from gpt2lite.report import write_report  # noqa: E402
 from gpt2lite.train import TrainConfig  # noqa: E402
 
-METHODS = {  # label -> (MethodConfig fields, learning rate)
-    "none": (None, None),
-    "full": ({"name": "full"}, 1e-3),
-    "lora": ({"name": "lora", "rank": 8, "alpha": 16, "targets": ["c_attn", "c_proj", "c_fc"]}, 3e-3),
-    "prompt": ({"name": "prompt", "n_tokens": 10, "init_text": "Summarize the docstring in one line:"}, 3e-2),
-    "last_n": ({"name": "last_n", "n_layers": 2}, 2e-3),
+METHODS = {  # label -> (MethodConfig fields, learning rate, optimizer steps)
+    "none": (None, None, None),
+    "full": ({"name": "full"}, 1e-3, 100),
+    "lora": ({"name": "lora", "rank": 8, "alpha": 16, "targets": ["c_attn", "c_proj", "c_fc"]}, 3e-3, 100),
+    "prompt": ({"name": "prompt", "n_tokens": 10, "init_text": "Summarize the docstring in one line:"}, 3e-2, 100),
+    "last_n": ({"name": "last_n", "n_layers": 2}, 2e-3, 100),
 }
 
 
@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="runs/demo_trial")
     p.add_argument("--pretrain-steps", type=int, default=PretrainConfig().steps)
     p.add_argument("--preset", default=PretrainConfig().preset)
-    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per method")
+    p.add_argument("--prompt-steps", type=int, help="prompt tuning's steps (default: METHODS)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-eval-samples", type=int, default=100)
@@ -80,8 +80,9 @@ def main(argv=None):
                  max_new_tokens=args.max_new_tokens, seed=args.seed)
     rows = []
     for label in args.methods:
-        method, lr = METHODS[label]
-        config = TrainConfig(output_dir=os.path.join(args.output_dir, label), lr=lr or 1e-3, max_steps=args.steps,
+        method, lr, steps = METHODS[label]
+        steps = args.prompt_steps if label == "prompt" and args.prompt_steps else steps
+        config = TrainConfig(output_dir=os.path.join(args.output_dir, label), lr=lr or 1e-3, max_steps=steps or 1,
                              epochs=None, batch_size=args.batch_size, warmup_steps=10, schedule="cosine",
                              eval_every=args.eval_every, seed=args.seed, progress_bar=False)
         row, _, _ = clock(label, run_method, label, method, base, task, config, sampler_seed=args.seed)
