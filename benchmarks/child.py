@@ -1,7 +1,8 @@
 """One measurement in its own process, so that its peak memory is its own: `python child.py SPEC.json`.
 
 SPEC["task"] is "train" (timed training steps), "generate" (timed greedy generation) or "matmul" (the
-machine's fp32, or on CUDA bf16, matmul FLOP/s). The result is printed as one JSON line prefixed RESULT.
+machine's matmul FLOP/s in SPEC["precision"]). Training and generation run under that precision ("bf16":
+autocast; "fp32": none). The result is printed as one JSON line prefixed RESULT.
 """
 
 from __future__ import annotations
@@ -38,11 +39,9 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def autocast(device: str):
-    """bf16 autocast on CUDA; plain float32 on the CPU."""
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+def autocast(spec: dict):
+    """bf16 autocast for precision "bf16", none for "fp32"."""
+    return torch.autocast(spec["device"], dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
 
 
 def make_optimizer(parameters):
@@ -69,7 +68,7 @@ def train(spec: dict) -> dict:
         batch = step % input_ids.size(0)
         synchronize(device)
         start = time.perf_counter()
-        with autocast(device):
+        with autocast(spec):
             loss = loss_fn(input_ids[batch], labels[batch])
         loss.backward()
         optimizer.step()
@@ -114,7 +113,7 @@ def generate(spec: dict) -> dict:
     for repeat in range(1 + spec["repeats"]):  # the first run warms up
         synchronize(device)
         start = time.perf_counter()
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(spec):
             tokens = run()
         synchronize(device)
         seconds.append(time.perf_counter() - start)
@@ -124,13 +123,13 @@ def generate(spec: dict) -> dict:
 
 
 def matmul(spec: dict) -> dict:
-    """FLOP/s of an n x n @ n x n matmul, median of `repeats` runs (fp32 on the CPU, bf16 on CUDA).
+    """FLOP/s of an n x n @ n x n matmul, median of `repeats` runs, in bf16 for precision "bf16", else fp32.
 
     On the CPU two libraries are timed: torch.mm (MKL) and oneDNN, which gpt2lite's LM head uses and which
     is faster on some CPUs (AMD EPYC: MKL takes its AVX2 path there). The faster one is the machine's peak.
     """
     device, n = spec["device"], spec["size"]
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)

@@ -71,7 +71,8 @@ def _fmt(value, spec="{:.2f}", missing="–"):
 
 
 def table(rows: list) -> str:
-    """A markdown table of the training rows: one line per (workload, mode)."""
+    """A markdown table of the training rows: one line per (workload, mode), with the precision both stacks
+    trained in ("fp32", or "bf16" autocast; "–" in results written before the column existed)."""
     # On CUDA the memory that matters is the GPU's (torch.cuda.max_memory_allocated); RSS is mostly the
     # CUDA context there. On the CPU it is the process's peak RSS.
     on_gpu = any("peak_gpu_bytes" in (row.get("gpt2lite") or row.get("reference") or {}) for row in rows)
@@ -81,9 +82,9 @@ def table(rows: list) -> str:
         for side in (row.get("reference"), row.get("gpt2lite")):
             if side is not None and "peak_gpu_bytes" in side:
                 side["peak_gpu_gb"] = side["peak_gpu_bytes"] / 1e9
-    head = ("| workload | mode | ref s/step | gpt2lite s/step | ref tok/s | gpt2lite tok/s | speed x | "
+    head = ("| workload | mode | precision | ref s/step | gpt2lite s/step | ref tok/s | gpt2lite tok/s | speed x | "
             f"ref {memory} | gpt2lite {memory} | memory x | gpt2lite GFLOP/s (% peak) | ref GFLOP/s (% peak) |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 13]
     for row in rows:
         ref, lite = row.get("reference"), row.get("gpt2lite")
 
@@ -96,7 +97,7 @@ def table(rows: list) -> str:
             return f"{side['achieved_flops'] / 1e9:.1f} ({100 * side['peak_fraction']:.0f}%)"
 
         lines.append(
-            f"| {row['workload']} | {row['mode']} | {_fmt(get(ref, 'median_step_s'))} | {_fmt(get(lite, 'median_step_s'))} "
+            f"| {row['workload']} | {row['mode']} | {row.get('precision', '–')} | {_fmt(get(ref, 'median_step_s'))} | {_fmt(get(lite, 'median_step_s'))} "
             f"| {_fmt(get(ref, 'tokens_per_s'), '{:.0f}')} | {_fmt(get(lite, 'tokens_per_s'), '{:.0f}')} "
             f"| {_fmt(row.get('speed_ratio'))} | {_fmt(get(ref, memory_key))} | {_fmt(get(lite, memory_key))} "
             f"| {_fmt(row.get(ratio_key))} | {flops(lite)} | {flops(ref)} |"

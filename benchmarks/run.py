@@ -7,6 +7,7 @@ thread count. Prints the table and the target checks; writes RESULTS/latest.json
     python benchmarks/run.py                       # everything (about 25 minutes on 2 cores)
     python benchmarks/run.py --quick               # a smoke run: LoRA on LM, short generation (< 2 minutes)
     python benchmarks/run.py --modes full,lora --workloads lm --steps 5
+    python benchmarks/run.py --modes full,lora --workloads lm --precision bf16   # both stacks under bf16 autocast
     python benchmarks/run.py --render results/latest.json   # the markdown again from a results JSON
 """
 
@@ -53,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--matmul-size", type=int, default=None, help="default 2048 on the CPU, 8192 on CUDA")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "auto"),
+                        help="both stacks train under this autocast (default: fp32 on the CPU, bf16 on CUDA; "
+                             "auto: bf16 where the device has native bf16 arithmetic)")
     parser.add_argument("--no-dropout", action="store_true", help="dropout off (default: GPT-2's 0.1)")
     parser.add_argument("--same-weights", action="store_true",
                         help="both stacks start from one transformers checkpoint (written first)")
@@ -77,6 +81,11 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.matmul_size is None:
         args.matmul_size = 8192 if args.device == "cuda" else 2048
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    from gpt2lite.precision import resolve_precision
+
+    args.precision = resolve_precision(args.precision, args.device)
     return args
 
 
@@ -164,7 +173,7 @@ def main(argv=None) -> dict:
 
     config = GPT2Config.from_name(args.preset)
     shape = report.Shape(config.n_layer, config.n_embd, config.mlp_dim, config.vocab_size)
-    common = dict(preset=args.preset, threads=args.threads, device=args.device, seed=0)
+    common = dict(preset=args.preset, threads=args.threads, device=args.device, precision=args.precision, seed=0)
     results = dict(machine=machine_info(args.device), settings=vars(args).copy(), training=[], generation=None)
     with tempfile.TemporaryDirectory(prefix="gpt2lite-bench-") as tmp:
         workdir = Path(tmp)
@@ -185,7 +194,8 @@ def main(argv=None) -> dict:
             inputs_path = workdir / f"{workload}.pt"
             torch.save({"input_ids": input_ids, "labels": labels}, inputs_path)
             for mode in args.modes:
-                row = dict(workload=workload, mode=mode, batch_size=args.batch_size, seq_len=seq_len)
+                row = dict(workload=workload, mode=mode, precision=args.precision, batch_size=args.batch_size,
+                           seq_len=seq_len)
                 for stack in args.stacks:
                     if stack == "reference" and mode == "qlora":
                         continue  # no CPU QLoRA in the reference stack (bitsandbytes)

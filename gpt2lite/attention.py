@@ -8,6 +8,10 @@ probabilities in backward with one extra q @ k^T and softmax (about 2 % of the b
 arithmetic is the textbook one; the mask is applied with masked_fill (no boolean-to-float copies), and it
 is drawn as rand < p (faster than bernoulli_ on the CPU), so it is a different draw from PyTorch's, from
 the same distribution. Rows must keep at least one key (causal attention and gpt2lite's padding masks do).
+
+Under autocast q, k and v are cast to the autocast dtype, as autocast does for scaled_dot_product_attention,
+and the function computes as FlashAttention does in bf16: the matmuls in that dtype (accumulating in float32),
+the softmax in float32 rounded to that dtype, and the softmax backward's subtraction in float32.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ def dropout_attention(q, k, v, mask, is_causal: bool, dropout: float, scale: flo
     causally. Returns (B, nh, T, hs)."""
     if not 0.0 < dropout < 1.0:
         raise ValueError(f"dropout_attention needs a dropout probability in (0, 1), got {dropout}")
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return _DropoutAttention.apply(q, k, v, mask, is_causal, dropout, scale)
 
 
@@ -37,12 +45,17 @@ def _scores(q, k, mask, is_causal: bool, scale: float):
 
 
 class _DropoutAttention(torch.autograd.Function):
+    """Every op in q's dtype, autocast off (the inputs are already cast); see the module docstring."""
+
     @staticmethod
     def forward(ctx, q, k, v, mask, is_causal, dropout, scale):
-        probs = torch.softmax(_scores(q, k, mask, is_causal, scale), dim=-1)  # (B, nh, T, S)
-        drop = torch.rand_like(probs) < dropout  # (B, nh, T, S) bool: True with probability `dropout`
-        dropped = probs.masked_fill_(drop, 0.0).mul_(1.0 / (1.0 - dropout))
-        out = torch.matmul(dropped, v)  # (B, nh, T, hs)
+        with torch.autocast(q.device.type, enabled=False):
+            # softmax of bf16 scores accumulates in float32 and rounds once
+            probs = torch.softmax(_scores(q, k, mask, is_causal, scale), dim=-1)  # (B, nh, T, S)
+            # drawn in float32 whatever q's dtype: bf16 and float32 runs drop the same entries
+            drop = torch.rand(probs.shape, device=probs.device) < dropout  # (B, nh, T, S) bool
+            dropped = probs.masked_fill_(drop, 0.0).mul_(1.0 / (1.0 - dropout))
+            out = torch.matmul(dropped, v)  # (B, nh, T, hs)
         ctx.save_for_backward(q, k, v, mask, drop, out)
         ctx.is_causal, ctx.dropout, ctx.scale = is_causal, dropout, scale
         return out
@@ -50,16 +63,20 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, mask, drop, out = ctx.saved_tensors
-        inverse_keep = 1.0 / (1.0 - ctx.dropout)
-        probs = torch.softmax(_scores(q, k, mask, ctx.is_causal, ctx.scale), dim=-1)  # (B, nh, T, S)
-        dropped = probs.masked_fill(drop, 0.0).mul_(inverse_keep)
-        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)  # (B, nh, S, hs)
-        del dropped
-        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0).mul_(inverse_keep)
-        # softmax backward: d scores = p * (d p - sum_j(d p * p)); that row sum equals grad_out . out
-        # (out = dropped probabilities @ v), as in FlashAttention: (B, nh, T, hs) work instead of (B, nh, T, S)
-        row_dot = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, nh, T, 1)
-        grad_scores = grad_probs.sub_(row_dot).mul_(probs).mul_(ctx.scale)
-        grad_q = torch.matmul(grad_scores, k)  # (B, nh, T, hs)
-        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)  # (B, nh, S, hs)
+        with torch.autocast(q.device.type, enabled=False):
+            grad_out = grad_out.to(q.dtype)
+            inverse_keep = 1.0 / (1.0 - ctx.dropout)
+            probs = torch.softmax(_scores(q, k, mask, ctx.is_causal, ctx.scale), dim=-1)  # (B, nh, T, S)
+            dropped = probs.masked_fill(drop, 0.0).mul_(inverse_keep)
+            grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)  # (B, nh, S, hs)
+            del dropped
+            grad_probs = torch.matmul(grad_out, v.transpose(-2, -1)).masked_fill_(drop, 0.0)  # (B, nh, T, S)
+            # softmax backward: d scores = p * (d p - sum_j(d p * p)); that row sum equals grad_out . out
+            # (out = dropped probabilities @ v), as in FlashAttention: (B, nh, T, hs) work instead of
+            # (B, nh, T, S). In float32: d p and the row sum nearly cancel, which bf16 would round away.
+            row_dot = (grad_out.float() * out.float()).sum(dim=-1, keepdim=True)  # (B, nh, T, 1)
+            grad_scores = grad_probs.float().mul_(inverse_keep).sub_(row_dot).mul_(probs).mul_(ctx.scale)
+            grad_scores = grad_scores.to(q.dtype)
+            grad_q = torch.matmul(grad_scores, k)  # (B, nh, T, hs)
+            grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)  # (B, nh, S, hs)
         return grad_q, grad_k, grad_v, None, None, None, None

@@ -79,8 +79,9 @@ class GPT2Config:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPT2Config":
-        """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (for tests), and those
-        of the other architectures (architectures.py: gpt-neo-125M, gpt-neo-tiny)."""
+        """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (for tests), demo (the
+        offline demo's pretrained base), and those of the other architectures (architectures.py: gpt-neo-125M,
+        gpt-neo-tiny)."""
         from .architectures import presets  # imported here: architectures.py imports this module
 
         key = name.split("/")[-1]  # "openai-community/gpt2-medium" -> "gpt2-medium"
@@ -97,4 +98,8 @@ PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768),  # 82M
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=256),  # for tests; real vocabulary
+    # the offline demo's base, pretrained in minutes on two cores (gpt2lite/pretrain.py); no dropout: it
+    # sees its small corpus about once
+    "demo": dict(n_layer=4, n_head=4, n_embd=192, n_positions=128, embd_pdrop=0.0, attn_pdrop=0.0,
+                 resid_pdrop=0.0),
 }

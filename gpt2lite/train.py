@@ -32,11 +32,13 @@ import torch
 
 from . import distributed, loggers
 from .checkpoint import load_trainable, resume, save_checkpoint, save_trainable
-from .dtypes import PRECISIONS
 from .files import atomic_write_text
 from .loss import IGNORE_INDEX
 from .model import count_parameters
 from .optim import SCHEDULES, lr_factor, parameter_groups
+from .precision import CHOICES as PRECISION_CHOICES
+from .precision import autocast as _autocast
+from .precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers for collating
     # precision and device
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, CPU or CUDA) | "fp16" (CUDA, with a GradScaler)
+    #                          | "auto" (bf16 where the device has native bf16 arithmetic, else fp32)
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when available, else cpu
     activation_checkpointing: bool = False  # True: model.set_activation_checkpointing(True) (less memory, ~1.3x time)
     # evaluation, early stopping, checkpoints
@@ -95,8 +98,8 @@ class TrainConfig:
             raise ValueError("lr, weight_decay and warmup_steps must be >= 0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
         object.__setattr__(self, "report_to", loggers.check_names(self.report_to))
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
@@ -158,14 +161,6 @@ def _device(config: TrainConfig) -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 training needs CUDA (it relies on a GradScaler); use precision='bf16' on the CPU")
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
@@ -189,6 +184,7 @@ def evaluate_loss(model, dataset, collate_fn: Callable, batch_size: int, device=
     """Mean loss over every label token of `dataset` (over all processes under torchrun)."""
     world = world or distributed.World()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     indices = distributed.shard(range(len(dataset)), world, pad=False)
@@ -256,7 +252,8 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     final_train_loss (the last finite step loss) and final_train_loss_step (its step: earlier than `steps`
     when the last steps were skipped for a NaN loss), best_val_loss, best_step, wall_time_s, tokens_per_s,
     peak_memory_mb, checkpoint_mb (size of the trainable-weights file), model_file, trainable_params,
-    total_params, skipped_steps, history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
+    total_params, skipped_steps, precision (the one trained in: "auto" resolved),
+    history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
     """
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty: check the data files, columns and data_fraction/max_samples")
@@ -273,6 +270,7 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
         from .tasks.batching import collate as collate_fn
     eval_collate_fn = eval_collate_fn or collate_fn
     device = _device(config)
+    precision = resolve_precision(config.precision, device)  # "auto" -> "bf16" or "fp32", logged
     world = distributed.setup(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -298,8 +296,8 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     total_steps = None if total_steps == math.inf else int(total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.warmup_steps, total_steps, config.schedule))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    _autocast(device, config.precision)  # fail early on fp16 without CUDA
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    _autocast(device, precision)  # fail early on fp16 without CUDA
 
     os.makedirs(config.output_dir, exist_ok=True)
     log_path = os.path.join(config.output_dir, "log.jsonl")
@@ -332,7 +330,7 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
 
     def run_evaluation():
         val_loss = evaluate_loss(model, eval_dataset, eval_collate_fn, config.eval_batch_size or config.batch_size,
-                                 device, config.precision, world)
+                                 device, precision, world)
         state["history"]["val"].append([state["step"], val_loss])
         improved = val_loss < state["best_val_loss"]
         if improved:
@@ -368,7 +366,7 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
             n_micro = min(config.grad_accum, len(micro_batches) - state["batch_in_epoch"])
             optimizer.zero_grad(set_to_none=True)
             loss_sum, tokens, input_tokens = _accumulate(
-                ddp_model, [next(batches) for _ in range(n_micro)], world, device, config.precision, scaler)
+                ddp_model, [next(batches) for _ in range(n_micro)], world, device, precision, scaler)
             loss = loss_sum / max(tokens, 1)
             lr = scheduler.get_last_lr()[0]
             grad_norm = _update(model, optimizer, scaler, config, state, loss, lr)
@@ -413,7 +411,8 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
         progress.close()
     for reporter in reporters:
         reporter.close()
-    return _finish(model, config, state, stopped_by, world, device, trainable_params, total_params, best_path)
+    return _finish(model, config, state, stopped_by, world, device, trainable_params, total_params, best_path,
+                   precision)
 
 
 def _update(model, optimizer, scaler, config, state, loss: float, lr: float) -> float:
@@ -467,7 +466,8 @@ def _truncate_log(log_path: str, step: int):
     atomic_write_text(log_path, "".join(kept))
 
 
-def _finish(model, config, state, stopped_by, world, device, trainable_params, total_params, best_path) -> dict:
+def _finish(model, config, state, stopped_by, world, device, trainable_params, total_params, best_path,
+            precision: str) -> dict:
     """Restore the best weights if asked, write the final weights and summary.json, return the summary."""
     has_best = config.save_best and state["best_step"] is not None
     if has_best and config.restore_best:
@@ -496,7 +496,7 @@ def _finish(model, config, state, stopped_by, world, device, trainable_params, t
         "peak_memory_mb": peak_memory_mb(device),
         "checkpoint_mb": os.path.getsize(model_file) / 2**20 if world.is_main else None,
         "model_file": model_file, "trainable_params": trainable_params, "total_params": total_params,
-        "skipped_steps": state["skipped_steps"], "world_size": world.world_size,
+        "skipped_steps": state["skipped_steps"], "world_size": world.world_size, "precision": precision,
         "history": {"train": state["history"]["train"], "val": state["history"]["val"]},
     }
     if world.is_main:

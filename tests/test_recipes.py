@@ -3,6 +3,7 @@ and what the recipe asks for (methods, options, per-run learning rates, early st
 accumulation, search, merged rows) reaches the runs."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -129,22 +130,28 @@ def test_recipe_runs_two_steps_on_a_tiny_model(path, tmp_path, tiny_hf_dir, tiny
     assert report["title"] == recipe["title"] and report["task"] == task
 
 
-def test_demo_recipe_completes_offline_and_says_so(tmp_path, capsys):
-    """`make demo` offline: the library's fallback model and corpus, announced and marked in the report."""
+def test_demo_recipe_completes_offline_and_says_so(tmp_path, capsys, monkeypatch):
+    """`make demo` offline: a small model pretrained offline (here for 20 steps, cached in tmp) and the
+    docstring corpus, announced as such and marked in the report; every method of the recipe runs."""
+    monkeypatch.setenv("GPT2LITE_CACHE", str(tmp_path / "cache"))
     result = run(["compare", "--config", str(REPO_ROOT / "recipes" / "demo.yaml"), "--train.output_dir", str(tmp_path),
                   "--train.max_steps", "4", "--train.eval_every", "2", "--train.batch_size", "4",
                   "--data.max_train_samples", "24", "--data.max_validation_samples", "4", "--data.max_test_samples",
-                  "3", "--data.max_length", "64", "--generation.max_new_tokens", "6", "--train.progress_bar", "false"])
+                  "3", "--data.max_length", "64", "--generation.max_new_tokens", "6", "--train.progress_bar", "false",
+                  "--pretrain.steps", "20", "--pretrain.batch_size", "4"])
     out = capsys.readouterr().out
-    assert "RANDOMLY INITIALISED" in out or "pretrained weights" in out
-    assert "OFFLINE FALLBACK DATA" in out
+    offline = "SMALL OFFLINE-PRETRAINED" in out
+    assert offline or "pretrained weights" in out
+    assert "OFFLINE FALLBACK DATA" in out or not offline
+    assert not offline or os.listdir(tmp_path / "cache" / "offline-base")  # pretrained once, cached
     report = json.load(open(tmp_path / "report.json"))
-    assert [row["method"] for row in report["rows"]] == ["lora", "none", "full", "prompt"]
-    lora = report["rows"][0]
+    assert [row["method"] for row in report["rows"]] == ["none", "full", "lora", "prompt", "last_n"]
+    lora = report["rows"][2]
     assert lora["steps"] == 4 and [s for s, _ in lora["history"]["val"]] == [2, 4]
-    assert lora["trainable_params"] == 2 * 8 * (64 + 3 * 64) or not report["random_init"]
+    # the demo preset (4 blocks, n_embd 192): r=8 on c_attn (192->576), attn.c_proj, mlp.c_proj, c_fc
+    assert lora["trainable_params"] == 4 * 8 * ((192 + 576) + (192 + 192) + (768 + 192) + (192 + 768)) or not offline
     for row in report["rows"]:
-        assert row["quality_note"] == ("not meaningful (random-init model)" if report["random_init"] else "")
+        assert not offline or "offline-pretrained" in row["quality_note"]
         assert 0 <= row["rouge1"] <= 100 and row["meteor"] is None and row["n_examples"] == 3
     for name in ("report.md", "report.csv", "train_loss.png", "val_loss.png", "loss_lora.png"):
         assert (tmp_path / name).stat().st_size > 0

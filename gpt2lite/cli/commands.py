@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 from ..data import DataConfig, load_splits
 from ..generate import GenerationConfig
 from ..peft import MethodConfig
+from ..pretrain import PretrainConfig
 from ..search import SearchConfig
 from ..train import TrainConfig
 from .pipeline import Run
@@ -24,7 +25,8 @@ DEFAULT_RUNS = (Run(), Run(MethodConfig(name="full")), Run(MethodConfig(name="lo
 def finetune(model: str = "gpt2", data: DataConfig = DataConfig(), method: MethodConfig = MethodConfig(name="lora"),
              train: TrainConfig = TrainConfig(output_dir="runs/finetune"),
              generation: GenerationConfig = GenerationConfig(), search: SearchConfig = SearchConfig(),
-             fallback: bool = False) -> dict:
+             fallback: bool = False, fallback_model: str = "pretrained",
+             pretrain: PretrainConfig = PretrainConfig()) -> dict:
     """Fine-tune one method on one task; write the adapter (or model), predictions.jsonl and a report.
 
     Args:
@@ -36,15 +38,20 @@ def finetune(model: str = "gpt2", data: DataConfig = DataConfig(), method: Metho
         search: an Optuna search of the method's hyperparameters before the final run.
         fallback: where the model or the hub dataset cannot be had (offline), use the library's offline
             fallback model and corpus instead of failing (the report says so).
+        fallback_model: that fallback model: "pretrained" (a small GPT-2 pretrained offline on the Python
+            standard library's docstrings, cached; see --pretrain) or "random" (random init, the tiny preset).
+        pretrain: how the "pretrained" fallback is pretrained (the first run; later runs load it from the cache).
     """
-    return _train_and_report([Run(method)], model, data, train, generation, search, fallback, nested=False,
+    return _train_and_report([Run(method)], model, data, train, generation, search,
+                             _fallback(fallback, fallback_model, pretrain), nested=False,
                              title=f"{data.task}: {method.name}")
 
 
 def compare(model: str = "gpt2", data: DataConfig = DataConfig(), runs: Tuple[Run, ...] = DEFAULT_RUNS,
             train: TrainConfig = TrainConfig(output_dir="runs/compare"),
             generation: GenerationConfig = GenerationConfig(), search: SearchConfig = SearchConfig(),
-            fallback: bool = False, title: Optional[str] = None) -> dict:
+            fallback: bool = False, fallback_model: str = "pretrained", pretrain: PretrainConfig = PretrainConfig(),
+            title: Optional[str] = None) -> dict:
     """Several methods on one task, each in train.output_dir/<label>/; one report compares them.
 
     Args:
@@ -55,6 +62,8 @@ def compare(model: str = "gpt2", data: DataConfig = DataConfig(), runs: Tuple[Ru
         generation: how test predictions are generated.
         search: an Optuna search of each method's hyperparameters before its final run.
         fallback: offline, use the library's fallback model and corpus instead of failing.
+        fallback_model: "pretrained" (a small GPT-2 pretrained offline, cached) or "random".
+        pretrain: how the "pretrained" fallback is pretrained.
         title: the report's title.
     """
     labels = [run.name for run in runs]
@@ -63,8 +72,18 @@ def compare(model: str = "gpt2", data: DataConfig = DataConfig(), runs: Tuple[Ru
         raise ValueError(f"runs share the label(s) {duplicates}; give each run its own `label`")
     if not runs:
         raise ValueError("no runs to compare: give --runs")
-    return _train_and_report(list(runs), model, data, train, generation, search, fallback, nested=True,
+    return _train_and_report(list(runs), model, data, train, generation, search,
+                             _fallback(fallback, fallback_model, pretrain), nested=True,
                              title=title or f"{data.task}: {', '.join(labels)}")
+
+
+def _fallback(fallback: bool, fallback_model: str, pretrain: PretrainConfig):
+    """None (no fallback), "random", or the PretrainConfig of the offline-pretrained fallback model."""
+    if fallback_model not in ("pretrained", "random"):
+        raise ValueError(f"fallback_model must be 'pretrained' or 'random', got {fallback_model!r}")
+    if not fallback:
+        return None
+    return pretrain if fallback_model == "pretrained" else "random"
 
 
 def _train_and_report(runs, model, data, train, generation, search, fallback, nested: bool, title: str) -> dict:

@@ -60,15 +60,18 @@ class Setup:
     notes: List[str]
 
 
-def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods: Sequence, fallback: bool,
+def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods: Sequence, fallback,
             seed: int = 0) -> Setup:
-    """Load the data and the base model, and build the task with room for the methods' virtual tokens."""
-    splits = load_splits(data, allow_fallback=fallback)
+    """Load the data and the base model, and build the task with room for the methods' virtual tokens.
+    fallback: None (fail offline), "random" (a random-init tiny model offline) or a PretrainConfig (a small
+    model pretrained offline, cached)."""
+    splits = load_splits(data, allow_fallback=fallback is not None)
     num_labels = None
     if data.task == "classification":
         num_labels = data.num_labels or infer_num_labels(splits)
         data = dataclasses.replace(data, num_labels=num_labels)
-    base = load_base_model(model, num_labels=num_labels, allow_random_init=fallback, seed=seed)
+    base = load_base_model(model, num_labels=num_labels, allow_random_init=fallback is not None, seed=seed,
+                           fallback_pretrain=None if fallback in (None, "random") else fallback)
     reference = None
     if not base.random_init and base.description == f"pretrained weights: {model}":
         reference = os.path.abspath(model) if os.path.isdir(model) else model
@@ -122,7 +125,8 @@ def merged_row(run: Run, result, setup: Setup) -> dict:
         raise ValueError(f"run {run.name!r}: merged_row needs a lora or qlora method")
     merged = merge_and_unload(result.model)
     quality, _ = setup.task.evaluate(merged)
-    return method_row(f"{run.name} merged", result.summary, merged, quality, random_init=setup.base.random_init)
+    return method_row(f"{run.name} merged", result.summary, merged, quality, random_init=setup.base.random_init,
+                      base_kind=setup.base.kind)
 
 
 def save_outputs(model, method: Optional[MethodConfig], predictions: List[dict], output_dir: str,

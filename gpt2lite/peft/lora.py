@@ -79,8 +79,9 @@ class LoRALinear(nn.Module):
         result = self.base_forward(x)  # (..., out)
         if self.merged or not self.adapter_enabled:
             return result
-        lora_dtype = self.lora_A.weight.dtype
-        dropped = self.lora_dropout(x).to(lora_dtype)
+        dropped = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast lora_A casts to its dtype anyway
+            dropped = dropped.to(self.lora_A.weight.dtype)
         return result + self.adapter_output(dropped, result).to(result.dtype)
 
     def adapter_output(self, dropped, result):
@@ -146,7 +147,7 @@ class DoRALinear(LoRALinear):
         """As peft computes DoRA: the base output rescaled row-wise by m / ||W + scaling B A||, plus the
         update scaled likewise."""
         lora = super().adapter_output(dropped, result)  # (..., out)
-        weight = self.base_weight().to(lora.dtype)
+        weight = self.base_weight().to(self.lora_A.weight.dtype)
         norm_scale = self.lora_magnitude_vector / self.weight_norm(weight, self.delta_weight().detach())  # (out,)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_without_bias = result if self.base_bias is None else result - self.base_bias
