@@ -4,7 +4,6 @@ from .config import GPT2Config
 from .generate import GenerationConfig, KVCache, generate
 from .model import GPT2, GPT2ForSequenceClassification, count_parameters
 from .tokenizer import Tokenizer
-from . import gpt_neo  # registers the GPT-Neo architecture (attention class, HF config mapping, presets)
 from . import peft  # the fine-tuning methods: gpt2lite.peft.apply(model, {"name": "lora", ...})
 
 __all__ = ["GPT2Config", "GPT2", "GPT2ForSequenceClassification", "Tokenizer", "generate", "GenerationConfig",

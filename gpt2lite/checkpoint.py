@@ -20,7 +20,8 @@ from typing import Dict
 import numpy as np
 import torch
 
-from .hf import CheckpointError, atomic_write, remove_stale_temporaries
+from .errors import CheckpointError
+from .files import atomic_write, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 # a resumed run must cut the data into the same batches and follow the same schedule as the first

@@ -80,12 +80,15 @@ class GPT2Config:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPT2Config":
         """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (for tests), demo (the
-        offline demo's pretrained base), and those
-        other architectures register (gpt_neo.py: gpt-neo-125M, gpt-neo-tiny)."""
+        offline demo's pretrained base), and those of the other architectures (architectures.py: gpt-neo-125M,
+        gpt-neo-tiny)."""
+        from .architectures import presets  # imported here: architectures.py imports this module
+
         key = name.split("/")[-1]  # "openai-community/gpt2-medium" -> "gpt2-medium"
-        if key not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[key], **overrides})
+        known = presets()  # PRESETS below and every other architecture's
+        if key not in known:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(known)}")
+        return cls(**{**known[key], **overrides})
 
 
 PRESETS = {

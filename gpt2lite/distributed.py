@@ -20,7 +20,6 @@ class World:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -38,8 +37,7 @@ def setup(device_type: str) -> World:
         return World()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return World(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return World(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 
 def all_reduce_sum(values: Sequence[float], world: World, device) -> List[float]:

@@ -10,9 +10,8 @@ GPT-Neo is GPT-2 with three differences, and only those are written here:
 - layers alternate global and local attention (a 256-token window): `GPT2Config.attention_windows`.
 
 Everything else (embeddings, blocks, MLP, masks, KV cache, generation, LM and classification heads, loading,
-saving, adapters) is the GPT-2 code, reached through three registries:
-`model.ATTENTION_CLASSES["gpt_neo"]`, `hf.ARCHITECTURES["gpt_neo"]` and `config.PRESETS["gpt-neo-*"]`.
-A model is built, loaded and fine-tuned exactly like GPT-2:
+saving, adapters) is the GPT-2 code; architectures.py's GPT_NEO_ARCHITECTURE record points it at the pieces
+here (the attention class, the config.json mapping, the presets). A model is built, loaded and fine-tuned exactly like GPT-2:
 
     model = gpt2lite.GPT2.from_pretrained("EleutherAI/gpt-neo-125M")        # or a local directory
     model = gpt2lite.GPT2(gpt2lite.GPT2Config.from_name("gpt-neo-125M"))    # random initialisation
@@ -24,9 +23,10 @@ from typing import List
 
 import torch.nn as nn
 
-from .config import PRESETS, GPT2Config
-from .hf import ARCHITECTURES, Architecture, CheckpointError, _first, _num_labels
-from .model import ATTENTION_CLASSES, CausalSelfAttention, linear
+from .config import GPT2Config
+from .errors import CheckpointError
+from .hf_config import first_id, hf_num_labels
+from .model import CausalSelfAttention, linear
 
 MODEL_TYPE = "gpt_neo"
 
@@ -100,8 +100,8 @@ def config_from_hf(d: dict) -> GPT2Config:
         layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5), embd_pdrop=float(d.get("embed_dropout", 0.0)),
         attn_pdrop=float(d.get("attention_dropout", 0.0)), resid_pdrop=float(d.get("resid_dropout", 0.0)),
         initializer_range=d.get("initializer_range", 0.02), tie_word_embeddings=d.get("tie_word_embeddings", True),
-        bos_token_id=_first(d.get("bos_token_id", 50256)), eos_token_id=_first(d.get("eos_token_id", 50256)),
-        pad_token_id=d.get("pad_token_id"), num_labels=_num_labels(d),
+        bos_token_id=first_id(d.get("bos_token_id", 50256)), eos_token_id=first_id(d.get("eos_token_id", 50256)),
+        pad_token_id=d.get("pad_token_id"), num_labels=hf_num_labels(d),
     )
 
 
@@ -134,18 +134,7 @@ def neo_preset(n_layer: int, n_head: int, n_embd: int, window: int, n_positions:
     )
 
 
-ATTENTION_CLASSES[MODEL_TYPE] = GPTNeoAttention
-ARCHITECTURES[MODEL_TYPE] = Architecture(
-    model_type=MODEL_TYPE,
-    config_from_hf=config_from_hf,
-    config_to_hf=config_to_hf,
-    transposed=(),  # GPT-Neo stores plain Linear weights
-    ignored=(r"\.attn\.attention\.bias$", r"\.attn\.attention\.masked_bias$"),  # mask buffers of old checkpoints
-    hf_class_names={"GPT2": "GPTNeoForCausalLM", "GPT2ForSequenceClassification": "GPTNeoForSequenceClassification"},
-    default_targets={  # peft's mappings for gpt_neo; "quantize" is every linear layer of the blocks
-        "lora": ("q_proj", "v_proj"), "ia3": ("q_proj", "v_proj", "c_proj"), "ia3_feedforward": ("c_proj",),
-        "quantize": ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
-    },
-)
-PRESETS["gpt-neo-125M"] = neo_preset(n_layer=12, n_head=12, n_embd=768, window=256)  # 125M
-PRESETS["gpt-neo-tiny"] = neo_preset(n_layer=4, n_head=4, n_embd=64, window=8, n_positions=256)  # for tests
+PRESETS = {  # GPT2Config.from_name("gpt-neo-125M"), as released on the Hub; a tiny one for tests
+    "gpt-neo-125M": neo_preset(n_layer=12, n_head=12, n_embd=768, window=256),
+    "gpt-neo-tiny": neo_preset(n_layer=4, n_head=4, n_embd=64, window=8, n_positions=256),
+}

@@ -1,27 +1,26 @@
 """The Hugging Face bridge: read and write checkpoints that transformers reads and writes.
 
 Loading: a hub id is downloaded (and cached) through huggingface_hub; a local directory is read directly.
-Weights come from model.safetensors, pytorch_model.bin, or a sharded index of either. Each architecture
-describes itself with an `Architecture` entry: how its config.json maps to GPT2Config and which weights
-are stored transposed (GPT-2's Conv1D) or are buffers to ignore.
+Weights come from model.safetensors, pytorch_model.bin, or a sharded index of either. What differs between
+architectures (config.json's fields, weights stored transposed (GPT-2's Conv1D), buffers to ignore) comes
+from their records in architectures.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .architectures import Architecture, architecture
 from .config import GPT2Config
+from .dtypes import torch_dtype
+from .errors import CheckpointError  # noqa: F401  (re-exported: `from gpt2lite.hf import CheckpointError`)
+from .files import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -29,103 +28,10 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing, corrupted, or made for another model."""
-
-
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    config_from_hf: Callable[[dict], GPT2Config]
-    config_to_hf: Callable[[GPT2Config], dict]
-    transposed: tuple = ()  # key suffixes of weights stored as (in, out)
-    ignored: tuple = ()  # regexes of checkpoint keys that are buffers, not weights
-    hf_class_names: Dict[str, str] = field(default_factory=dict)  # our class name -> transformers' class
-    # module-name patterns a fine-tuning method adapts when none are given, as peft's per-model_type
-    # TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING: "lora", "ia3", "ia3_feedforward", "quantize" (QLoRA)
-    default_targets: Dict[str, tuple] = field(default_factory=dict)
-
-
-def _gpt2_config_from_hf(d: dict) -> GPT2Config:
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if d.get(flag):
-            raise CheckpointError(f"config.json sets {flag}=true, which gpt2lite does not implement")
-    if d.get("add_cross_attention"):
-        raise CheckpointError("config.json sets add_cross_attention=true; gpt2lite has decoder-only GPT-2")
-    return GPT2Config(
-        vocab_size=d["vocab_size"], n_positions=d["n_positions"], n_embd=d["n_embd"], n_layer=d["n_layer"],
-        n_head=d["n_head"], n_inner=d.get("n_inner"),
-        activation_function=d.get("activation_function", "gelu_new"),
-        layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5), embd_pdrop=d.get("embd_pdrop", 0.1),
-        attn_pdrop=d.get("attn_pdrop", 0.1), resid_pdrop=d.get("resid_pdrop", 0.1),
-        initializer_range=d.get("initializer_range", 0.02),
-        tie_word_embeddings=d.get("tie_word_embeddings", True),
-        bos_token_id=_first(d.get("bos_token_id", 50256)), eos_token_id=_first(d.get("eos_token_id", 50256)),
-        pad_token_id=d.get("pad_token_id"), num_labels=_num_labels(d),
-        scale_attn=d.get("scale_attn_weights", True),
-    )
-
-
-def _gpt2_config_to_hf(c: GPT2Config) -> dict:
-    return dict(
-        model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.n_positions, n_ctx=c.n_positions,
-        n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_inner=c.n_inner,
-        activation_function=c.activation_function, layer_norm_epsilon=c.layer_norm_epsilon,
-        embd_pdrop=c.embd_pdrop, attn_pdrop=c.attn_pdrop, resid_pdrop=c.resid_pdrop,
-        initializer_range=c.initializer_range, tie_word_embeddings=c.tie_word_embeddings,
-        scale_attn_weights=c.scale_attn, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-        pad_token_id=c.pad_token_id,
-    )
-
-
-def _first(x):
-    return x[0] if isinstance(x, list) else x
-
-
-def _num_labels(d: dict) -> Optional[int]:
-    if "id2label" in d and d.get("architectures") and any("Classification" in a for a in d["architectures"]):
-        return len(d["id2label"])
-    return d.get("num_labels") if "num_labels" in d else None
-
-
-ARCHITECTURES: Dict[str, Architecture] = {
-    "gpt2": Architecture(
-        model_type="gpt2",
-        config_from_hf=_gpt2_config_from_hf,
-        config_to_hf=_gpt2_config_to_hf,
-        transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
-        ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),
-        hf_class_names={"GPT2": "GPT2LMHeadModel", "GPT2ForSequenceClassification": "GPT2ForSequenceClassification"},
-        default_targets={"lora": ("c_attn",), "ia3": ("c_attn", "mlp.c_proj"), "ia3_feedforward": ("mlp.c_proj",),
-                         "quantize": ("c_attn", "c_proj", "c_fc")},
-    ),
-}
-
-
-def architecture(model_type: str) -> Architecture:
-    if model_type not in ARCHITECTURES:
-        raise CheckpointError(f"model_type {model_type!r} is not supported; gpt2lite knows {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[model_type]
-
-
-def stores_transposed(model) -> bool:
-    """Whether transformers stores this model's linear weights as (in, out) (Conv1D): peft's fan_in_fan_out."""
-    return bool(architecture(model.config.model_type).transposed)
-
-
-def default_targets(model, method: str) -> tuple:
-    """The module-name patterns `method` ("lora", "ia3", "ia3_feedforward", "quantize") adapts by default
-    on this model's architecture: ("c_attn",) for GPT-2's LoRA, ("q_proj", "v_proj") for GPT-Neo's."""
-    arch = architecture(model.config.model_type)
-    if method not in arch.default_targets:
-        raise ValueError(f"no default targets for {method!r} on {arch.model_type}; pass the module names explicitly "
-                         f"(defaults exist for {sorted(arch.default_targets)})")
-    return arch.default_targets[method]
-
-
 # ---------------------------------------------------------------------------------------------- locating
 
 
+OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")  # models' and datasets'
 MODEL_PATTERNS = ("config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors")
 LOCAL_MODEL_HINT = ("GPT2.from_pretrained('/path/to/dir'), where the directory holds config.json and "
                     "model.safetensors (or pytorch_model.bin), e.g. one written by save_pretrained()")
@@ -151,12 +57,21 @@ def resolve(name_or_path: str, allow_patterns=MODEL_PATTERNS, local_hint: str = 
             allow_patterns=list(allow_patterns),
         )
     except Exception as error:  # offline, unknown repo, no network: say what to do instead
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        switch = offline_switch(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # those huggingface_hub reads
         raise CheckpointError(
             f"could not get {name_or_path!r} from the Hugging Face Hub"
-            f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {type(error).__name__}: {error}\n"
+            f"{f' ({switch} is set)' if switch else ''}: {type(error).__name__}: {error}\n"
             f"To load weights without the network, pass a local directory instead: {local_hint}."
         ) from None
+
+
+def offline_switch(switches: Sequence[str] = OFFLINE_SWITCHES) -> Optional[str]:
+    """The name of the first of `switches` (environment variables) that is set, or None. Set means a value
+    huggingface_hub and datasets read as true: 1, ON, YES or TRUE in any case."""
+    for switch in switches:
+        if os.environ.get(switch, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return switch
+    return None
 
 
 def _download_bin_if_needed(directory: str, name_or_path: str) -> str:
@@ -258,20 +173,6 @@ def hf_to_gpt2lite(state: Dict[str, torch.Tensor], arch: Architecture) -> Dict[s
     return out
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(dtype) -> torch.dtype:
-    """A floating dtype from None (float32), a torch.dtype or its name ("bfloat16")."""
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
-        return DTYPES[dtype.replace("torch.", "")]
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtype), got {dtype!r}")
-
-
 def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels: Optional[int] = None,
                     quantize: Optional[str] = None, **quantize_options):
     """`cls` with the weights of a checkpoint. quantize="nf4" reads it a tensor at a time and stores the
@@ -368,72 +269,8 @@ def gpt2lite_to_hf(model) -> Dict[str, torch.Tensor]:
     return out
 
 
-def atomic_write(path: str, write: Callable[[str], None]):
-    """Write through `write(tmp_path)` into a temporary file beside `path`, then rename it into place.
-
-    A failure leaves `path` as it was and removes the temporary file; a full disk says so. Temporary files of
-    the same target left by a process killed mid-write are removed first.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temporary_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException as error:
-        disk_full = isinstance(error, Exception) and _out_of_space(error, directory)  # before tmp frees space
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if disk_full:
-            kept = "the previous file is unchanged" if os.path.exists(path) else "nothing was written"
-            raise OSError(errno.ENOSPC, f"the disk is full (no space left on the device) while writing {path}; "
-                                        f"{kept}. Free some space and save again", path) from error
-        raise
-
-
-def atomic_write_text(path: str, text: str, newline: Optional[str] = None):
-    """Write `text` (UTF-8) to `path` atomically, closing the file before it is renamed into place."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline=newline) as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def _out_of_space(error: Exception, directory: str) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return True
-    # torch.save reports a full disk in its own words ("unexpected pos 704 vs 598"): look at the disk itself
-    try:
-        return shutil.disk_usage(directory).free < 2**20
-    except OSError:
-        return False
-
-
-def _temporary_prefix(path: str) -> str:
-    return "." + os.path.basename(path) + "."
-
-
-def remove_stale_temporaries(path: str):
-    """Delete the temporary files atomic_write left beside `path` when a process died while writing it."""
-    directory, prefix = os.path.dirname(os.path.abspath(path)), _temporary_prefix(path)
-    # mkstemp's random part is 8 letters, digits or underscores: no other target's temporaries match
-    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}\.tmp")
-    if not os.path.isdir(directory):
-        return
-    for name in os.listdir(directory):
-        if pattern.fullmatch(name):
-            with contextlib.suppress(FileNotFoundError):  # another process removed it first
-                os.remove(os.path.join(directory, name))
-            logger.info("removed %s, left by an interrupted save of %s", name, path)
-
-
 def save_pretrained(model, directory: str):
+    """Write model.safetensors and config.json into `directory` as transformers' save_pretrained does."""
     from safetensors.torch import save_file
 
     config = model.config
@@ -455,9 +292,4 @@ def save_pretrained(model, directory: str):
     state = gpt2lite_to_hf(model)
     atomic_write(os.path.join(directory, "model.safetensors"),
                  lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(hf_config, f, indent=2)
-
-    atomic_write(os.path.join(directory, "config.json"), write_json)
+    atomic_write_text(os.path.join(directory, "config.json"), json.dumps(hf_config, indent=2))

@@ -115,15 +115,13 @@ class MLP(nn.Module):
         return self.dropout(linear(self.c_proj, self.act(linear(self.c_fc, x))))
 
 
-# Attention class per architecture; other model files register theirs here.
-ATTENTION_CLASSES = {"gpt2": CausalSelfAttention}
-
-
 class Block(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = ATTENTION_CLASSES[config.model_type](config, layer_idx)
+        from .architectures import architecture  # imported here: architectures.py imports this module
+
+        self.attn = architecture(config.model_type).attention_class(config, layer_idx)  # GPT-2's: CausalSelfAttention
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import PRECISIONS
+
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHOICES = (*PRECISIONS, "auto")
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # the names in /proc/cpuinfo and torch.cpu.get_capabilities()
 

@@ -22,8 +22,10 @@ import torch
 import torch.nn as nn
 
 from .config import GPT2Config
-from .hf import (WEIGHT_FILES, CheckpointError, architecture, default_targets, hf_to_gpt2lite, model_for_checkpoint,
-                 read_state_dict, require_float_weight, torch_dtype)
+from .architectures import architecture, default_targets
+from .dtypes import torch_dtype
+from .errors import CheckpointError
+from .hf import WEIGHT_FILES, hf_to_gpt2lite, model_for_checkpoint, read_state_dict, require_float_weight
 
 logger = logging.getLogger(__name__)
 

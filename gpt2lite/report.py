@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .hf import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text
 from .model import count_parameters
 
 logger = logging.getLogger(__name__)

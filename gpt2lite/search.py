@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-from .hf import atomic_write_text
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -88,9 +88,13 @@ class Tokenizer:
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> dict:
-    """Pad lists of ids to one length. Returns {"input_ids", "attention_mask"} as (B, T) long tensors."""
+    """Pad lists of ids to one length with pad_id, on padding_side ("right" for training, "left" for
+    generation). Returns {"input_ids", "attention_mask"} as (B, T) long tensors. tasks.collate pads
+    examples (ids and labels) through it."""
     if len(rows) == 0:
         raise ValueError("cannot pad an empty batch")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

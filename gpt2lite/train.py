@@ -32,7 +32,7 @@ import torch
 
 from . import distributed, loggers
 from .checkpoint import load_trainable, resume, save_checkpoint, save_trainable
-from .hf import atomic_write
+from .files import atomic_write_text
 from .loss import IGNORE_INDEX
 from .model import count_parameters
 from .optim import SCHEDULES, lr_factor, parameter_groups
@@ -463,15 +463,7 @@ def _truncate_log(log_path: str, step: int):
                     kept.append(line)
             except (ValueError, KeyError):  # a line cut short by the crash
                 continue
-    _write_text(log_path, "".join(kept))
-
-
-def _write_text(path: str, text: str):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    atomic_write_text(log_path, "".join(kept))
 
 
 def _finish(model, config, state, stopped_by, world, device, trainable_params, total_params, best_path,
@@ -508,6 +500,6 @@ def _finish(model, config, state, stopped_by, world, device, trainable_params, t
         "history": {"train": state["history"]["train"], "val": state["history"]["val"]},
     }
     if world.is_main:
-        _write_text(os.path.join(config.output_dir, "summary.json"), json.dumps(summary, indent=1))
+        atomic_write_text(os.path.join(config.output_dir, "summary.json"), json.dumps(summary, indent=1))
     logger.info("training stopped by %s after %d steps", stopped_by, state["step"])
     return summary

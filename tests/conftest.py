@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import save_random  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -33,20 +34,13 @@ def hf_gpt2_config(**overrides):
     return transformers.GPT2Config(**{**TINY_HF_KWARGS, **overrides})
 
 
-def _save_random(model_class, config, directory, seed):
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    model.save_pretrained(str(directory))
-    return model
-
-
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     """Directory of a random-init transformers GPT2LMHeadModel (tiny config) written by save_pretrained."""
     import transformers
 
     directory = tmp_path_factory.mktemp("tiny_hf_gpt2")
-    _save_random(transformers.GPT2LMHeadModel, hf_gpt2_config(), directory, seed=0)
+    save_random(transformers.GPT2LMHeadModel, hf_gpt2_config(), directory, seed=0)
     return directory
 
 
@@ -57,7 +51,7 @@ def tiny_hf_classifier_dir(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("tiny_hf_classifier")
     config = hf_gpt2_config(num_labels=NUM_LABELS, pad_token_id=50256)
-    _save_random(transformers.GPT2ForSequenceClassification, config, directory, seed=1)
+    save_random(transformers.GPT2ForSequenceClassification, config, directory, seed=1)
     return directory
 
 
@@ -68,7 +62,7 @@ def gpt2_124m_hf(tmp_path_factory):
     import transformers
 
     directory = tmp_path_factory.mktemp("gpt2_124m_hf")
-    model = _save_random(transformers.GPT2LMHeadModel, transformers.GPT2Config(), directory, seed=2)
+    model = save_random(transformers.GPT2LMHeadModel, transformers.GPT2Config(), directory, seed=2)
     return directory, model
 
 

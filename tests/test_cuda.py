@@ -35,12 +35,13 @@ if ON_CUDA:
 from conftest import hf_gpt2_config  # noqa: E402
 
 from gpt2lite import GPT2, GPT2Config, generate  # noqa: E402
+from gpt2lite.architectures import ARCHITECTURES  # noqa: E402
 from gpt2lite.checkpoint import load_checkpoint  # noqa: E402
-from gpt2lite.hf import ARCHITECTURES  # noqa: E402
 from gpt2lite.peft import LoRALinear, add_lora, load_adapter, quantize_nf4, save_adapter  # noqa: E402
 from gpt2lite.peft.lora import lora_trainable_parameters  # noqa: E402
 from gpt2lite.peft.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa: E402
 from gpt2lite.train import TrainConfig, train  # noqa: E402
+from helpers import TOKENS  # noqa: E402
 from train_helpers import collate_lm, lm_examples, pattern_examples, resume_config, tiny_model  # noqa: E402
 from test_hf import batch  # noqa: E402
 from test_resume import Crash, crash_at  # noqa: E402
@@ -472,8 +473,6 @@ def test_qlora_bf16_training_on_device_keeps_the_4bit_weights(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- 6. LoRA
 
-TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
-                       [40, 588, 257, 922, 1492, 546, 616, 3290, 290, 340]])
 LORA_CASES = {"lora": ({}, {}), "dora_bias_all": ({"dora": True, "bias": "all"}, {"use_dora": True, "bias": "all"})}
 
 

@@ -203,6 +203,14 @@ def test_collate_pads_right_with_ignored_labels():
     assert left["input_ids"].tolist() == [[1, 2], [0, 3]] and left["attention_mask"].tolist() == [[1, 1], [0, 1]]
 
 
+def test_collate_names_the_row_whose_labels_and_ids_differ_in_length():
+    rows = [{"input_ids": [1, 2], "labels": [1, 2]}, {"input_ids": [3, 4, 5], "labels": [4, 5]}]
+    with pytest.raises(ValueError, match="row 1 has 2 labels for 3 input_ids"):
+        collate(rows)
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+        collate(rows[:1], padding_side="middle")
+
+
 def test_length_grouped_sampler_groups_and_covers_everything():
     lengths = [(i * 37) % 101 for i in range(400)]
     sampler = LengthGroupedSampler(lengths, batch_size=8, mega_batch_mult=10, seed=3)

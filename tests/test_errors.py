@@ -51,6 +51,27 @@ def test_hub_id_while_offline_says_how_to_pass_a_local_path(monkeypatch, tmp_pat
     assert_short(excinfo)
 
 
+@pytest.mark.parametrize("value,offline", [("1", True), ("true", True), ("YES", True), ("On", True), ("0", False),
+                                           ("false", False), ("no", False), ("", False), ("2", False)])
+def test_offline_switches_read_as_huggingface_hub_reads_them(monkeypatch, value, offline):
+    """One reading of HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE for the model bridge and the
+    data loader, the same as huggingface_hub's (1, ON, YES, TRUE in any case): hub_reachable answers False
+    without asking the network exactly when a switch is set."""
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    from gpt2lite.hf import offline_switch
+    from gpt2lite.tasks.loading import hub_reachable
+
+    assert (value.upper() in ENV_VARS_TRUE_VALUES) is offline  # huggingface_hub's own set agrees
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(switch, raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", value)
+    assert offline_switch() == ("HF_DATASETS_OFFLINE" if offline else None)
+    assert offline_switch(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")) is None  # model downloads ignore it
+    if offline:
+        assert hub_reachable(timeout=0.01) is False
+
+
 def test_missing_directory_and_file_instead_of_directory(tiny_hf_dir):
     with pytest.raises(CheckpointError, match="no directory './no/such/dir'"):
         GPT2.from_pretrained("./no/such/dir")

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from gpt2lite import GPT2, GPT2Config, Tokenizer
 from gpt2lite.checkpoint import load_checkpoint
-from gpt2lite.hf import CheckpointError, atomic_write
+from gpt2lite.errors import CheckpointError
+from gpt2lite.files import atomic_write
 from gpt2lite.loss import IGNORE_INDEX, causal_lm_loss
 from gpt2lite.tasks import DataError, build_classification, load_table, tokenize_stream
 from gpt2lite.train import train
@@ -229,7 +230,7 @@ def save_that_fills_the_disk(real_save, error):
 @pytest.mark.parametrize("how", ["ENOSPC", "torch's own words"])
 def test_a_full_disk_while_saving_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, how):
     """The run saves at step 2, then the disk fills before the save at step 4."""
-    import gpt2lite.hf
+    import gpt2lite.files
 
     error = OSError(errno.ENOSPC, "No space left on device") if how == "ENOSPC" else RuntimeError(
         "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
@@ -238,7 +239,7 @@ def test_a_full_disk_while_saving_says_so_and_keeps_the_previous_checkpoint(tmp_
         if record["step"] == 3:
             monkeypatch.setattr(torch, "save", save_that_fills_the_disk(torch.save, error))
             if how != "ENOSPC":  # only the free space tells it apart from another failure
-                monkeypatch.setattr(gpt2lite.hf.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
+                monkeypatch.setattr(gpt2lite.files.shutil, "disk_usage", lambda path: SimpleNamespace(free=0))
 
     with pytest.raises(OSError, match=rf"the disk is full \(no space left on the device\) while writing "
                                       rf"{re.escape(str(tmp_path / 'checkpoint.pt'))}; the previous file is "

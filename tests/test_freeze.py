@@ -6,32 +6,16 @@ import copy
 import pytest
 import torch
 
-from gpt2lite import GPT2, GPT2ForSequenceClassification, count_parameters
+from gpt2lite import GPT2ForSequenceClassification, count_parameters
 from gpt2lite.peft import LoRALinear, MethodConfig, ModulesToSave, add_bitfit, apply, disable_adapters, freeze_layers
-
-TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
-                       [40, 588, 257, 922, 1492, 546, 616, 3290, 290, 340]])
-LOADED = {}
-
-
-def load(directory, cls=GPT2):
-    key = (str(directory), cls)
-    if key not in LOADED:
-        LOADED[key] = cls.from_pretrained(str(directory)).eval()
-    return copy.deepcopy(LOADED[key])
-
+from helpers import TOKENS, adamw_steps, load
 
 def changed_by_a_step(model, labels=None):
     """Names of the parameters two AdamW steps change (two: LoRA's A gets a gradient once B is nonzero).
     Tied parameters appear under their first name."""
     before = {k: v.clone() for k, v in model.named_parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
     model.train()
-    for _ in range(2):
-        model(TOKENS, labels=TOKENS if labels is None else labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    adamw_steps(model, TOKENS, steps=2, lr=1e-2, weight_decay=0.0, labels=labels)
     model.eval()
     return {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
 

@@ -11,6 +11,7 @@ import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, Tokenizer, count_parameters, generate
 from gpt2lite.gpt_neo import GPTNeoSelfAttention, compress_attention_layers, config_to_hf, expand_attention_types
 from gpt2lite.hf import CheckpointError
+from helpers import save_random
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,13 +24,6 @@ NEO_125M = dict(hidden_size=768, num_layers=12, num_heads=12, attention_types=[[
 
 def hf_neo_config(**overrides):
     return transformers.GPTNeoConfig(**{**TINY_NEO, **overrides})
-
-
-def save_random(model_class, config, directory, seed):
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    model.save_pretrained(str(directory))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +399,7 @@ def test_default_targets_are_peft_defaults_on_each_architectures_modules(model_t
                                       TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
                                       TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 
-    from gpt2lite.hf import default_targets
+    from gpt2lite.architectures import default_targets
     from gpt2lite.peft.inject import find_targets
 
     with torch.device("meta"):

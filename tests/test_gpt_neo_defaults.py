@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config
-from gpt2lite.hf import stores_transposed
+from gpt2lite.architectures import stores_transposed
 
 pytest.importorskip("peft")
 from gpt2lite.peft import apply, save_adapter  # noqa: E402

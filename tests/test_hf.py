@@ -10,15 +10,12 @@ from conftest import NUM_LABELS, hf_gpt2_config
 
 import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
-from gpt2lite.hf import ARCHITECTURES
+from gpt2lite.architectures import ARCHITECTURES
+from helpers import hf_lm
 
 transformers = pytest.importorskip("transformers")
 
 TRANSPOSED = ARCHITECTURES["gpt2"].transposed  # HF Conv1D weights, stored (in, out)
-
-
-def hf_lm(directory):
-    return transformers.GPT2LMHeadModel.from_pretrained(str(directory)).eval()
 
 
 def hf_classifier(directory):

@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, count_parameters
-from gpt2lite.hf import default_targets
+from gpt2lite.architectures import default_targets
 from gpt2lite.peft import load_adapter, save_adapter
 from gpt2lite.peft.ia3 import add_ia3, ia3_layers, is_applied
-
-
-def hf_lm(directory):
-    import transformers
-
-    return transformers.GPT2LMHeadModel.from_pretrained(str(directory)).eval()
+from helpers import adamw_steps, hf_lm
 
 
 def randomise_vectors(model, seed=0):
@@ -95,12 +90,7 @@ def test_training_changes_only_the_vectors(tiny_hf_dir):
     model = GPT2.from_pretrained(str(tiny_hf_dir))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     add_ia3(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, 50257, (2, 12))
-    for _ in range(2):
-        model(ids, labels=ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    adamw_steps(model, torch.randint(0, 50257, (2, 12)), steps=2, lr=1e-2)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and biases keep their keys and values
     assert all(not torch.equal(layer.ia3_l, torch.ones_like(layer.ia3_l)) for layer in ia3_layers(model).values())

@@ -1,29 +1,15 @@
 """LoRA and DoRA by hand: exact at initialisation, merge/unmerge, disabled adapters, bias modes, QLoRA base,
 errors. Parity with peft's logits lives in test_peft_io.py (same adapter weights through peft's format)."""
 
-import copy
-
 import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
-from gpt2lite.hf import hf_to_gpt2lite, architecture, read_state_dict
+from gpt2lite.architectures import architecture
+from gpt2lite.hf import hf_to_gpt2lite, read_state_dict
 from gpt2lite.peft import (LoRALinear, ModulesToSave, add_lora, disable_adapters, merge_and_unload, merge_lora,
                            quantize_nf4, unmerge_lora)
-
-TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
-                       [40, 588, 257, 922, 1492, 546, 616, 3290, 290, 340]])
-
-
-LOADED = {}
-
-
-def load(directory, cls=GPT2):
-    """A fresh copy of the checkpoint's model in eval mode (each checkpoint is read once)."""
-    key = (str(directory), cls)
-    if key not in LOADED:
-        LOADED[key] = cls.from_pretrained(str(directory)).eval()
-    return copy.deepcopy(LOADED[key])
+from helpers import TOKENS, adamw_steps, load
 
 
 def randomize_lora(model, seed=0, std=0.05):
@@ -38,13 +24,8 @@ def randomize_lora(model, seed=0, std=0.05):
 
 def train_steps(model, steps=2, lr=1e-2):
     """A few AdamW steps on a next-token loss over the trainable parameters."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     model.train()
-    for _ in range(steps):
-        loss = model(TOKENS, labels=TOKENS)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    adamw_steps(model, TOKENS, steps, lr, weight_decay=0.0)
     return model.eval()
 
 

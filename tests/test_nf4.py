@@ -10,6 +10,7 @@ from gpt2lite.peft.lora import add_lora
 from gpt2lite.peft.nf4 import (ABSMAX_BLOCK_SIZE, NF4_BLOCK_SIZE, dequantize_nf4_tensor, dynamic_map, nf4_codebook,
                                quantize_nf4_tensor)
 from gpt2lite.peft.qlora import NF4Linear, quantize_nf4
+from helpers import adamw_steps
 
 # The NF4 data type as published (QLoRA paper, appendix E; bitsandbytes' NF4 lookup table).
 PUBLISHED_NF4 = [
@@ -117,15 +118,7 @@ def test_qlora_trains_while_the_4bit_weights_stay_unchanged(compute_dtype):
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.randint(0, 512, (4, 32))  # a fixed batch
-    losses = []
-    for _ in range(20):
-        loss = model(ids, labels=ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = adamw_steps(model, torch.randint(0, 512, (4, 32)), steps=20, lr=1e-2)  # a fixed batch
     assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses), losses
     after = model.state_dict()
     assert all(torch.equal(frozen[k], after[k]) for k in frozen)

@@ -12,9 +12,8 @@ from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, count_para
 from gpt2lite.hf import CheckpointError
 from gpt2lite.peft import LoRALinear, ModulesToSave, add_lora, load_adapter, merge_and_unload, save_adapter
 from gpt2lite.peft.lora import lora_trainable_parameters
+from helpers import TOKENS
 
-TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
-                       [40, 588, 257, 922, 1492, 546, 616, 3290, 290, 340]])
 
 CASES = {  # our add_lora options -> the same LoraConfig options in peft
     "bias_none": ({}, {}),

@@ -10,15 +10,10 @@ import torch
 from gpt2lite import GPT2, GPT2Config, count_parameters, generate
 from gpt2lite.peft import load_adapter, save_adapter
 from gpt2lite.peft.prefix import add_prefix, is_applied, prefix_of
+from helpers import adamw_steps, hf_lm
 
 N_TOKENS = 6
 PROJECTION_DIM = 32
-
-
-def hf_lm(directory):
-    import transformers
-
-    return transformers.GPT2LMHeadModel.from_pretrained(str(directory)).eval()
 
 
 def peft_prefix_model(hf_model, prefix):
@@ -106,12 +101,7 @@ def test_training_changes_only_the_prefix(tiny_hf_dir):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     add_prefix(model, N_TOKENS, projection=True, projection_dim=PROJECTION_DIM)
     prefix_before = {k: v.clone() for k, v in prefix_of(model).state_dict().items()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, 50257, (2, 12))
-    for _ in range(3):
-        model(ids, labels=ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    adamw_steps(model, torch.randint(0, 50257, (2, 12)), steps=3, lr=1e-3)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(not torch.equal(v, prefix_of(model).state_dict()[k]) for k, v in prefix_before.items())

@@ -9,14 +9,9 @@ import torch
 from gpt2lite import GPT2, GPT2Config, Tokenizer, count_parameters, generate
 from gpt2lite.peft import load_adapter, save_adapter
 from gpt2lite.peft.prompt import add_soft_prompt, is_applied, soft_prompt
+from helpers import adamw_steps, hf_lm
 
 N_TOKENS = 5
-
-
-def hf_lm(directory):
-    import transformers
-
-    return transformers.GPT2LMHeadModel.from_pretrained(str(directory)).eval()
 
 
 def peft_prompt_model(hf_model, embedding):
@@ -153,15 +148,7 @@ def test_training_changes_only_the_prompt_embedding(tiny_hf_dir):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     add_soft_prompt(model, N_TOKENS, init="vocab")
     prompt_before = soft_prompt(model).embedding.detach().clone()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, 50257, (2, 12))
-    losses = []
-    for _ in range(5):
-        loss = model(ids, labels=ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = adamw_steps(model, torch.randint(0, 50257, (2, 12)), steps=5, lr=1e-2)
     assert losses[-1] < losses[0]
     assert not torch.equal(soft_prompt(model).embedding, prompt_before)
     after = model.state_dict()

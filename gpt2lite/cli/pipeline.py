@@ -24,7 +24,7 @@ import torch
 from ..data import DataConfig, load_splits
 from ..experiment import BaseModel, build_task, infer_num_labels, load_base_model, run_method, virtual_tokens
 from ..generate import GenerationConfig
-from ..hf import atomic_write_text
+from ..files import atomic_write_text
 from ..peft import MethodConfig
 from ..search import SearchConfig, run_search, space_for
 from ..tasks import subset

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Dict, List, Tuple
 
-from ..hf import atomic_write
+from ..files import atomic_write_text
 from ..tokenizer import ASSET, ASSET_SHA256, EOT
 
 FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -85,6 +85,6 @@ def save_tokenizer_files(directory: str, model_max_length: int = 1024) -> List[s
     paths = []
     for name, content in contents.items():
         path = os.path.join(directory, name)
-        atomic_write(path, lambda tmp, content=content: open(tmp, "w", encoding="utf-8").write(content))
+        atomic_write_text(path, content)
         paths.append(path)
     return paths

@@ -19,7 +19,9 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..hf import CheckpointError, atomic_write, resolve
+from ..errors import CheckpointError
+from ..files import atomic_write, atomic_write_text
+from ..hf import resolve
 from .inject import unchanged_on_error
 from .peft_format import IA3Format, LoRAFormat, PeftFormat, PrefixFormat, PromptFormat, peft_tensors
 
@@ -173,9 +175,4 @@ def write_adapter_files(directory: str, config: dict, tensors: Mapping[str, torc
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-
-    atomic_write(os.path.join(directory, CONFIG_FILE), write_config)
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))

@@ -15,7 +15,7 @@ from typing import Collection, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..hf import default_targets
+from ..architectures import default_targets
 from ..linear import linear
 from .adapter import adapter_parameters, train_classifier_head, train_only
 from .inject import as_patterns, find_targets, matches, replace_modules, unchanged_on_error

@@ -16,16 +16,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple, Union
 
-import torch
 import torch.nn as nn
 
-from ..hf import default_targets
+from ..architectures import default_targets
+from ..dtypes import DTYPES
 from .adapter import is_classifier
 from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning
 from .lora import add_lora
 
 METHODS = ("full", "frozen", "lora", "qlora", "prompt", "prefix", "last_n", "bitfit", "ia3")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def option(default: Any, *methods: str):
@@ -59,8 +58,8 @@ class MethodConfig:
     def __post_init__(self):
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {METHODS}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}")
         for name in ("targets", "layers_to_transform", "modules_to_save"):  # lists from JSON/YAML -> tuples
             value = getattr(self, name)
             if isinstance(value, list):
@@ -116,7 +115,7 @@ def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn
         if name == "qlora":
             from .qlora import quantize_nf4
 
-            quantize_nf4(model, compute_dtype=COMPUTE_DTYPES[config.compute_dtype], double_quant=config.double_quant)
+            quantize_nf4(model, compute_dtype=DTYPES[config.compute_dtype], double_quant=config.double_quant)
         saved = list(config.modules_to_save or ())
         if is_classifier(model) and "score" not in saved:
             saved.append("score")

@@ -28,7 +28,8 @@ from typing import Dict, Type
 import torch
 import torch.nn as nn
 
-from ..hf import CheckpointError, stores_transposed
+from ..architectures import stores_transposed
+from ..errors import CheckpointError
 from .adapter import classifier_head_parameters, is_classifier
 from .ia3 import add_ia3_layers, ia3_layers
 from .inject import select_modules

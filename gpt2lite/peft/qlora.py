@@ -18,14 +18,15 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..architectures import default_targets
+from ..dtypes import DTYPES
 from ..linear import linear
-from ..hf import default_targets
 from .nf4 import NF4_BLOCK_SIZE, NF4Tensor, QuantizedAbsmax, dequantize_nf4_tensor, dynamic_map, nf4_codebook
 from .inject import find_targets, replace_modules
 from .lora import DoRALinear, LoRALinear, plain_linear
 from .nf4 import quantize_nf4_tensor
 
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPUTE_DTYPES = tuple(DTYPES.values())  # the 4-bit layers dequantize into one of these
 
 
 class NF4Linear(nn.Module):
@@ -123,7 +124,7 @@ def quantize_nf4(model: nn.Module, targets: Optional[Sequence[str]] = None, comp
                  double_quant: bool = True, block_size: int = NF4_BLOCK_SIZE) -> list[str]:
     """Replace every nn.Linear whose name matches a pattern in `targets` ("c_attn", "attn.c_proj", ...,
     matched as peft does: the whole name or a dotted suffix) by an NF4Linear; by default every linear layer
-    of the blocks (hf.default_targets(model, "quantize")). Returns the replaced names.
+    of the blocks (architectures.default_targets(model, "quantize")). Returns the replaced names.
 
     Call before add_lora. The LM head is refused: it shares its weight with the token embedding.
     """

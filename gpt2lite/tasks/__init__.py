@@ -1,10 +1,11 @@
 """The three seed tasks: summarization, language modelling, classification, and how their data is loaded."""
 
+from ..errors import DataError
 from .batching import Examples, LengthGroupedSampler, collate
 from .classification import build_classification, check_labels, predict_classes
 from .docstrings import docstring_corpus
 from .language_modeling import Perplexity, build_lm_blocks, sliding_window_perplexity, tokenize_stream
-from .loading import DataError, check_json_file, load_table, require_columns, subset
+from .loading import check_json_file, load_table, require_columns, subset
 from .summarization import DEFAULT_TEMPLATE, build_generation_prompts, build_summarization, generate_summaries
 
 __all__ = [

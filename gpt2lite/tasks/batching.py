@@ -7,6 +7,7 @@ from typing import Dict, Iterator, List, Sequence
 import torch
 
 from ..loss import IGNORE_INDEX
+from ..tokenizer import pad_batch
 
 
 class Examples(torch.utils.data.Dataset):
@@ -33,25 +34,13 @@ def collate(rows: Sequence[dict], pad_id: int = 50256, padding_side: str = "righ
     Rows hold "input_ids" (list), and optionally "labels": a list as long as input_ids (token targets,
     padded with -100) or an int (a class label). Right padding for training; left padding for generation.
     """
-    if len(rows) == 0:
-        raise ValueError("cannot collate an empty batch")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    width = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    token_labels = "labels" in rows[0] and isinstance(rows[0]["labels"], (list, tuple))
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long) if token_labels else None
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        where = slice(0, n) if padding_side == "right" else slice(width - n, width)
-        input_ids[i, where] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-        attention_mask[i, where] = 1
-        if token_labels:
-            labels[i, where] = torch.as_tensor(row["labels"], dtype=torch.long)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if token_labels:
-        batch["labels"] = labels
+    batch = pad_batch([row["input_ids"] for row in rows], pad_id, padding_side)
+    if "labels" in rows[0] and isinstance(rows[0]["labels"], (list, tuple)):  # token targets, padded with -100
+        for i, row in enumerate(rows):
+            if len(row["labels"]) != len(row["input_ids"]):
+                raise ValueError(f"row {i} has {len(row['labels'])} labels for {len(row['input_ids'])} input_ids; "
+                                 "token labels need one target (or -100) per input id")
+        batch["labels"] = pad_batch([row["labels"] for row in rows], IGNORE_INDEX, padding_side)["input_ids"]
     elif "labels" in rows[0]:
         batch["labels"] = torch.as_tensor([row["labels"] for row in rows], dtype=torch.long)  # (B,)
     return batch

@@ -15,8 +15,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .batching import Examples, collate
-from .loading import DataError, as_list, require_columns
+from .loading import as_list, require_columns
 
 logger = logging.getLogger(__name__)
 

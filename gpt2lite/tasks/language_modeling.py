@@ -19,9 +19,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..errors import DataError
 from ..loss import IGNORE_INDEX
 from .batching import Examples
-from .loading import DataError
 
 
 def tokenize_stream(texts: Sequence[str], tokenizer, separator: str = "") -> List[int]:

@@ -13,6 +13,9 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
+from ..errors import DataError
+from ..hf import offline_switch
+
 logger = logging.getLogger(__name__)
 
 # file extension -> the `datasets` builder that reads it
@@ -25,10 +28,6 @@ EXPECTED_CONTENT = {"json": "one JSON object per line (JSON Lines) or a JSON lis
 CANONICAL_DATASETS = {"cnn_dailymail": "abisee/cnn_dailymail", "wikitext": "Salesforce/wikitext"}
 
 DataFiles = Union[str, Sequence[str], Dict[str, Union[str, Sequence[str]]]]
-
-
-class DataError(ValueError):
-    """Data that cannot be used as given; the message says what is wrong and how to fix it."""
 
 
 def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
@@ -78,10 +77,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     offline switch is set. Checked before hub calls because `datasets` retries an unreachable hub for half a
     minute. The question goes through huggingface_hub's own HTTP session, as the downloads will: through
     the proxy that HTTPS_PROXY / HTTP_PROXY name, with its offline mode. Any HTTP answer counts as reachable;
-    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable."""
-    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(switch, "0").lower() not in ("0", "", "false", "no"):
-            return False
+    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable. The
+    offline switches are hf.offline_switch's."""
+    if offline_switch() is not None:
+        return False
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 

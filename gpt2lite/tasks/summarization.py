@@ -19,9 +19,10 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..errors import DataError
 from ..loss import IGNORE_INDEX
 from .batching import Examples
-from .loading import DataError, as_list, require_columns
+from .loading import as_list, require_columns
 
 logger = logging.getLogger(__name__)
 
