@@ -50,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="both stacks train under this autocast")
     parser.add_argument("--memory-limit-gb", type=float, default=24.0, help="skip rows estimated above this")
     parser.add_argument("--no-load", action="store_true", help="skip the quantize-on-load measurement")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -143,7 +145,7 @@ def measure_preset(preset: str, args, workdir: Path) -> list:
             spec = dict(task="train", stack=stack, mode=stack_mode, preset=preset, workload="lm",
                         inputs=str(inputs_path), steps=args.steps, warmup=args.warmup, dropout=True,
                         threads=args.threads, device="cpu", seed=0, weights_dir=str(weights_dir),
-                        activation_checkpointing=checkpointing)
+                        activation_checkpointing=checkpointing, precision=args.precision)
             try:
                 result = run.run_child(spec, workdir, in_process=False)
             except RuntimeError as error:  # e.g. bitsandbytes without a CPU backend: the row is absent
@@ -199,7 +201,7 @@ def render(results: dict) -> str:
     lines = [f"Measured {machine['date']} on {machine['cpu']} ({machine['cores']} cores, {settings['threads']} "
              f"threads), torch {machine['torch']}, transformers {machine.get('transformers', '?')}, peft "
              f"{machine.get('peft', '?')}. Batch {settings['batch_size']} x {settings['seq_len']}, LM loss, "
-             f"fp32, dropout 0.1, random init; median of {settings['steps']} steps after {settings['warmup']}.",
+             f"{settings.get('precision', 'fp32')}, dropout 0.1, random init; median of {settings['steps']} steps after {settings['warmup']}.",
              "", "| model | method | gpt2lite s/step | reference s/step | speed ratio | gpt2lite peak RSS GB "
              "| reference peak RSS GB | memory ratio |", "|---|---|---|---|---|---|---|---|"]
 

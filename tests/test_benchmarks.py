@@ -83,3 +83,27 @@ def test_greedy_generation_gives_the_same_tokens(results):
     generation = results["generation"]
     assert generation["same_tokens"] is True
     assert generation["gpt2lite"]["new_tokens"] == 2 * 4 and generation["speed_ratio"] > 0
+
+
+def test_scaling_benchmark_runs_every_row_of_both_stacks(tmp_path):
+    """benchmarks/scaling.py end to end on the tiny preset: every method of both stacks trains (no row is
+    absent), with finite step times and peak RSS, and the quantize-on-load row is measured."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        scaling = importlib.import_module("scaling")
+        scaling.main(["--presets", "tiny", "--modes", "lora,qlora+ckpt", "--stacks", "gpt2lite,reference",
+                      "--steps", "1", "--warmup", "0", "--seq-len", "32", "--threads", "1", "--out", str(tmp_path),
+                      "--name", "smoke"])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    trained = [row for row in rows if row["mode"] != "load nf4"]
+    assert [row["mode"] for row in trained] == ["lora", "qlora+ckpt"]
+    for row in trained:
+        for stack in ("gpt2lite", "reference"):
+            if stack == "reference" and row["mode"].startswith("qlora") and "absent" in row[stack]:
+                assert "bitsandbytes" in row[stack]["absent"]  # the only reason a reference row may be absent
+                continue
+            assert "absent" not in row[stack] and "skipped" not in row[stack], (row["mode"], stack, row[stack])
+    load = next(row for row in rows if row["mode"] == "load nf4")["gpt2lite"]
+    assert 0 < load["model_bytes"] < load["peak_rss_bytes"]
