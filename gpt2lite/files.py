@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -82,3 +83,20 @@ def remove_stale_temporaries(path: str):
             with contextlib.suppress(FileNotFoundError):  # another process removed it first
                 os.remove(os.path.join(directory, name))
             logger.info("removed %s, left by an interrupted save of %s", name, path)
+
+
+def read_json_object(path: str, holds: str, fix: str) -> dict:
+    """The JSON object in `path`, else CheckpointError naming the file: not valid JSON (or not UTF-8), or a
+    JSON value that is not an object. holds: the message's end for that case, saying what the object should
+    hold, e.g. 'not an object of adapter settings (...)';
+    fix: what to do about a file that is not valid JSON."""
+    from .errors import CheckpointError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, {holds}")
+    return value

@@ -20,7 +20,7 @@ from .architectures import Architecture, architecture
 from .config import GPT2Config
 from .dtypes import torch_dtype
 from .errors import CheckpointError  # noqa: F401  (re-exported: `from gpt2lite.hf import CheckpointError`)
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +90,8 @@ def read_config(directory: str) -> GPT2Config:
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{directory!r} has no config.json; is it a Hugging Face model directory?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(d).__name__}, expected an object of config fields "
-                              '({"model_type": "gpt2", "n_embd": 768, ...})')
+    d = read_json_object(path, 'expected an object of config fields ({"model_type": "gpt2", "n_embd": 768, ...})',
+                         "download or save the checkpoint again")
     try:
         return architecture(d.get("model_type", "gpt2")).config_from_hf(d)
     except CheckpointError:
@@ -145,13 +139,9 @@ def read_state_dict(directory: str) -> Dict[str, torch.Tensor]:
 
 def _shards(index_path: str) -> List[str]:
     """The shard file names a sharded checkpoint's index (model.safetensors.index.json) lists."""
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{index_path} is not valid JSON ({error}); the file is probably truncated or "
-                              "corrupted: download or save the checkpoint again") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = read_json_object(index_path, "not an object ({\"weight_map\": {...}}, a sharded checkpoint index)",
+                             "the file is probably truncated or corrupted: download or save the checkpoint again")
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index_path} has no weight_map (an object from each weight name to its shard "
                               "file); it is not a sharded checkpoint index: download or save the checkpoint again")

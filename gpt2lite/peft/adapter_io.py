@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text, read_json_object
 from ..hf import resolve
 from .inject import unchanged_on_error
 from .peft_format import IA3Format, LoRAFormat, PeftFormat, PrefixFormat, PromptFormat, peft_tensors
@@ -113,14 +113,8 @@ def read_adapter_config(directory: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"{directory!r} has no {CONFIG_FILE}; is it an adapter directory (written by "
                               "save_adapter or peft's save_pretrained)?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); save the adapter again") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not an object of adapter settings "
-                              '(e.g. {"peft_type": "LORA", "r": 8, ...})')
+    config = read_json_object(path, 'not an object of adapter settings (e.g. {"peft_type": "LORA", "r": 8, ...})',
+                              "save the adapter again")
     if not isinstance(config.get("peft_type"), str):
         raise CheckpointError(f"{path} has no peft_type (LORA, PROMPT_TUNING, PREFIX_TUNING or IA3)")
     return config
