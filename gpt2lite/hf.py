@@ -163,6 +163,73 @@ def hf_to_gpt2lite(state: Dict[str, torch.Tensor], arch: Architecture) -> Dict[s
     return out
 
 
+class CheckpointReader:
+    """The tensors of a checkpoint directory, read one at a time, in gpt2lite's names and layout.
+
+    `shapes` maps every gpt2lite key to its shape (read from the headers, no data); `get(key)` reads one.
+    """
+
+    def __init__(self, directory: str, arch):
+        self.arch = arch
+        self.directory = directory
+        self.files: Dict[str, tuple] = {}  # gpt2lite key -> (safetensors file, checkpoint key)
+        self.shapes: Dict[str, torch.Size] = {}
+        self.loaded: Optional[Dict[str, torch.Tensor]] = None  # a .bin checkpoint, read whole
+        files = safetensors_files(directory)
+        if files is None:
+            self.loaded = hf_to_gpt2lite(read_state_dict(directory), arch)  # a .bin cannot be read in parts
+            self.shapes = {key: tensor.shape for key, tensor in self.loaded.items()}
+            return
+        from safetensors import safe_open
+
+        for path in files:
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    for name in handle.keys():
+                        shape = handle.get_slice(name).get_shape()
+                        # hf_to_gpt2lite on a shape-only tensor: the renaming and transposition of the real one
+                        for key, meta in hf_to_gpt2lite({name: torch.empty(shape, device="meta")}, arch).items():
+                            self.files[key], self.shapes[key] = (path, name), meta.shape
+            except Exception as error:
+                raise CheckpointError(f"could not read {path}: {type(error).__name__}: {error}. The file is probably "
+                                      "truncated or corrupted; delete it and download or save it again.") from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor (gpt2lite name and layout), read from disk now."""
+        if self.loaded is not None:
+            tensor = self.loaded.pop(key)
+        else:
+            from safetensors import safe_open
+
+            path, name = self.files[key]
+            try:
+                with safe_open(path, framework="pt") as handle:  # closed again: its pages leave the resident set
+                    tensor = hf_to_gpt2lite({name: handle.get_tensor(name)}, self.arch)[key]
+            except Exception as error:
+                raise CheckpointError(f"could not read {name} from {path}: {type(error).__name__}: {error}. The file "
+                                      "is probably truncated or corrupted; delete it and download or save it "
+                                      "again.") from None
+        require_float_weight(key, tensor, self.directory)
+        return tensor
+
+
+def safetensors_files(directory: str) -> Optional[list]:
+    """The safetensors file(s) of a checkpoint directory (one, or the shards of an index); None if it has
+    only pytorch_model.bin weights."""
+    for name in WEIGHT_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path) or "safetensors" not in name:
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = _shards(path)
+        missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
+        if missing:
+            raise CheckpointError(f"{path} names the shard {missing[0]}, which is missing from {directory}")
+        return [os.path.join(directory, shard) for shard in shards]
+    return None
+
+
 def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels: Optional[int] = None,
                     quantize: Optional[str] = None, **quantize_options):
     """`cls` with the weights of a checkpoint. quantize="nf4" reads it a tensor at a time and stores the
@@ -176,13 +243,12 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
                               **quantize_options)
     if quantize_options:
         raise TypeError(f"{sorted(quantize_options)} are options of quantize='nf4'; pass quantize too, or drop them")
-    state = hf_to_gpt2lite(read_state_dict(directory), architecture(config.model_type))
-    model, keys, new, tied = model_for_checkpoint(cls, config, directory, {k: v.shape for k, v in state.items()},
-                                                  num_labels)
-    for key in keys:
-        require_float_weight(key, state[key], directory)
+    reader = CheckpointReader(directory, architecture(config.model_type))
+    model, keys, new, tied = model_for_checkpoint(cls, config, directory, reader.shapes, num_labels)
     dtype = torch_dtype(dtype)
-    state = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in {**{k: state[k] for k in keys}, **new}.items()}
+    # a tensor at a time, so that a transposed weight's copy and its source are never all held at once
+    state = {key: reader.get(key).to(device=device, dtype=dtype).contiguous() for key in keys}
+    state.update({key: tensor.to(device=device, dtype=dtype) for key, tensor in new.items()})
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight

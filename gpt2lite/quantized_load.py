@@ -6,16 +6,13 @@ its float weight is freed before the next is read. The embeddings, LayerNorms an
 quantized are read last. Peak memory is about the 4-bit model plus one float layer (gpt2-xl: the float
 checkpoint is 6.2 GB). The result equals from_pretrained followed by quantize_nf4, code for code.
 
-safetensors files are memory-mapped: a file kept open counts every page read in the process's resident set
-until it is closed, so each read opens the file anew. A pytorch_model.bin cannot be read in parts and is
-loaded whole (a warning says so).
+The checkpoint is read through hf.CheckpointReader (a tensor at a time; a pytorch_model.bin is loaded whole,
+with a warning).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Dict, Optional
 
 import torch
@@ -25,76 +22,11 @@ from .config import GPT2Config
 from .architectures import architecture, default_targets
 from .dtypes import torch_dtype
 from .errors import CheckpointError
-from .hf import WEIGHT_FILES, hf_to_gpt2lite, model_for_checkpoint, read_state_dict, require_float_weight
+from .hf import CheckpointReader, model_for_checkpoint
 
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("nf4",)
-
-
-class CheckpointReader:
-    """The tensors of a checkpoint directory, read one at a time, in gpt2lite's names and layout.
-
-    `shapes` maps every gpt2lite key to its shape (read from the headers, no data); `get(key)` reads one.
-    """
-
-    def __init__(self, directory: str, arch):
-        self.arch = arch
-        self.directory = directory
-        self.files: Dict[str, tuple] = {}  # gpt2lite key -> (safetensors file, checkpoint key)
-        self.shapes: Dict[str, torch.Size] = {}
-        self.loaded: Optional[Dict[str, torch.Tensor]] = None  # a .bin checkpoint, read whole
-        files = safetensors_files(directory)
-        if files is None:
-            logger.warning("%s has no safetensors weights: reading the whole pytorch_model.bin before quantizing "
-                           "(peak memory is the float model); save_pretrained() writes model.safetensors", directory)
-            self.loaded = hf_to_gpt2lite(read_state_dict(directory), arch)
-            self.shapes = {key: tensor.shape for key, tensor in self.loaded.items()}
-            return
-        from safetensors import safe_open
-
-        for path in files:
-            try:
-                with safe_open(path, framework="pt") as handle:
-                    for name in handle.keys():
-                        shape = handle.get_slice(name).get_shape()
-                        # hf_to_gpt2lite on a shape-only tensor: the renaming and transposition of the real one
-                        for key, meta in hf_to_gpt2lite({name: torch.empty(shape, device="meta")}, arch).items():
-                            self.files[key], self.shapes[key] = (path, name), meta.shape
-            except Exception as error:
-                raise CheckpointError(f"could not read {path}: {type(error).__name__}: {error}. The file is probably "
-                                      "truncated or corrupted; delete it and download or save it again.") from None
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor (gpt2lite name and layout), read from disk now."""
-        if self.loaded is not None:
-            tensor = self.loaded.pop(key)
-        else:
-            from safetensors import safe_open
-
-            path, name = self.files[key]
-            with safe_open(path, framework="pt") as handle:  # closed again: its pages leave the resident set
-                tensor = hf_to_gpt2lite({name: handle.get_tensor(name)}, self.arch)[key]
-        require_float_weight(key, tensor, self.directory)
-        return tensor
-
-
-def safetensors_files(directory: str) -> Optional[list]:
-    """The safetensors file(s) of a checkpoint directory (one, or the shards of an index); None if it has
-    only pytorch_model.bin weights."""
-    for name in WEIGHT_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.exists(path) or "safetensors" not in name:
-            continue
-        if not name.endswith(".index.json"):
-            return [path]
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
-        if missing:
-            raise CheckpointError(f"{path} names the shard {missing[0]}, which is missing from {directory}")
-        return [os.path.join(directory, shard) for shard in shards]
-    return None
 
 
 def load_quantized(cls, directory: str, config: GPT2Config, quantize: str, dtype=None, device=None,
@@ -111,6 +43,9 @@ def load_quantized(cls, directory: str, config: GPT2Config, quantize: str, dtype
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} (or None), got {quantize!r}")
     dtype, compute_dtype = torch_dtype(dtype), torch_dtype(compute_dtype)
     reader = CheckpointReader(directory, architecture(config.model_type))
+    if reader.loaded is not None:
+        logger.warning("%s has no safetensors weights: reading the whole pytorch_model.bin before quantizing "
+                       "(peak memory is the float model); save_pretrained() writes model.safetensors", directory)
     model, keys, new, tied = model_for_checkpoint(cls, config, directory, reader.shapes, num_labels)
     for name in sorted(_quantized_layers(model), key=_module_order(model)):
         layer = model.get_submodule(name)
