@@ -27,8 +27,9 @@ setup(
     entry_points={"console_scripts": ["gpt2lite = gpt2lite.cli:main"]},
     extras_require={
         # transformers and peft are reference oracles for the tests, never imported by the library
-        "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2", "nbclient>=0.10", "nbformat>=5.9",
-                 "ipykernel>=6.29", "tensorboard>=2.16"],
+        # bitsandbytes: its CPU NF4 path is the oracle for gpt2lite's 4-bit codes and the QLoRA benchmark reference
+        "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2", "nbclient>=0.10",
+                 "nbformat>=5.9", "ipykernel>=6.29", "tensorboard>=2.16"],
         "search": ["optuna>=3"],
         "plot": ["matplotlib>=3.7"],
         # notebooks/: a Jupyter kernel, and ipywidgets for the progress-bar widget (text bar without it)
