@@ -6,6 +6,7 @@ Two files, each written atomically (temporary file, then rename), so a crash nev
                              final.safetensors when there is no best model to restore
     checkpoint.pt            trainable parameters + optimizer, scheduler, grad scaler, RNG states, step,
                              data position (epoch, micro-batch), early-stopping state and loss history
+                             (a TrainState, stored as a plain dict)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from .errors import CheckpointError
 from .files import atomic_write, remove_stale_temporaries
+from .train_state import TrainState
 
 logger = logging.getLogger(__name__)
 # a resumed run must cut the data into the same batches and follow the same schedule as the first
@@ -93,7 +95,7 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, model, optimizer, scheduler, scaler, state: dict, config, world):
+def save_checkpoint(path: str, model, optimizer, scheduler, scaler, state: TrainState, config, world):
     """Write everything `resume` needs to continue bit for bit (rank 0 writes; every rank must call it)."""
     rng = [rng_state()]
     if world.distributed:  # every process has its own dropout RNG
@@ -102,11 +104,11 @@ def save_checkpoint(path: str, model, optimizer, scheduler, scaler, state: dict,
     if world.is_main:
         checkpoint = {"trainable": trainable_state_dict(model), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-                      "state": state, "config": asdict(config), "world_size": world.world_size}
+                      "state": state.to_dict(), "config": asdict(config), "world_size": world.world_size}
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> dict:
+def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> TrainState:
     """Load a checkpoint into the model, optimizer, scheduler, scaler and RNGs; return the loop's state."""
     checkpoint = load_checkpoint(path)
     if world.is_main:  # a run killed while saving left a temporary file beside its checkpoint
@@ -124,7 +126,7 @@ def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> dic
     set_rng_state(checkpoint["rng"][world.rank])
     logger.info("resumed from %s at step %d (epoch %d)", path, checkpoint["state"]["step"],
                 checkpoint["state"]["epoch"])
-    return checkpoint["state"]
+    return TrainState.from_dict(checkpoint["state"])
 
 
 def load_optimizer_and_scheduler(optimizer, scheduler, checkpoint: dict, config, source: str):
