@@ -21,8 +21,6 @@ import logging
 import math
 import os
 import random
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -34,6 +32,7 @@ from . import distributed, loggers
 from .checkpoint import load_trainable, resume, save_checkpoint, save_trainable
 from .files import atomic_write_text
 from .loss import IGNORE_INDEX
+from .memory import peak_memory_mb
 from .model import count_parameters
 from .optim import SCHEDULES, lr_factor, parameter_groups
 from .precision import CHOICES as PRECISION_CHOICES
@@ -143,14 +142,6 @@ def require_label_tokens(dataset, name: str):
     raise ValueError(f"the {name} set has no label tokens: every label of its {len(dataset)} examples is "
                      f"{IGNORE_INDEX}, so there is nothing to learn from (a loss of 0). Check how the labels are "
                      "built: a prompt mask that covers the whole text, targets truncated away by max_length?")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated memory on a GPU; the process's peak resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _device(config: TrainConfig) -> torch.device:
