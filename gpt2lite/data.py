@@ -6,7 +6,7 @@
 Train, validation and test are always disjoint: validation picks the best checkpoint and stops early, test
 gives the reported scores. A split without its own file is cut from the train file (seeded); without a
 train file the hub dataset's splits are used (a missing one cut from its train split), and with
-`allow_fallback` the offline fallback corpus of `experiment.summarization_splits` / `lm_texts`.
+`allow_fallback` the offline fallback corpus of `text_splits.summarization_splits` / `lm_texts`.
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def split_three(table, validation_fraction: float, test_fraction: float, seed: i
 
 
 def load_splits(config: DataConfig, allow_fallback: bool = False):
-    """experiment.TextSplits of `config`: local files, else the hub dataset, else (allow_fallback) the
+    """text_splits.TextSplits of `config`: local files, else the hub dataset, else (allow_fallback) the
     offline corpus. The description names each split's source and size."""
-    from .experiment import TextSplits
+    from .text_splits import TextSplits
 
     input_column, target_column = config.columns
     if config.train is not None:
@@ -134,7 +134,7 @@ def load_splits(config: DataConfig, allow_fallback: bool = False):
 
 
 def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
-    from .experiment import TextSplits, lm_texts, summarization_splits
+    from .text_splits import TextSplits, lm_texts, summarization_splits
 
     input_column, target_column = config.columns
     if config.task == "summarization":
@@ -155,7 +155,7 @@ def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
 
 def _hub_classification(config: DataConfig):
     """A hub dataset's splits; one it lacks (e.g. test) is cut from its train split."""
-    from .experiment import TextSplits
+    from .text_splits import TextSplits
 
     tables, missing = {}, []
     for split in HUB_SPLITS:

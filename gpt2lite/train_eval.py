@@ -1,15 +1,14 @@
-"""Evaluation helpers of the training loop: label counting, the label check, evaluate_loss, peak memory."""
+"""Evaluation helpers of the training loop: label counting, the label check, evaluate_loss."""
 
 from __future__ import annotations
 
-import resource
-import sys
 from typing import Callable
 
 import numpy as np
 import torch
 
 from . import distributed
+from .memory import peak_memory_mb  # noqa: F401  (train_eval.peak_memory_mb, as before)
 from .loss import IGNORE_INDEX
 from .precision import autocast, resolve_precision
 
@@ -47,14 +46,6 @@ def require_label_tokens(dataset, name: str):
     raise ValueError(f"the {name} set has no label tokens: every label of its {len(dataset)} examples is "
                      f"{IGNORE_INDEX}, so there is nothing to learn from (a loss of 0). Check how the labels are "
                      "built: a prompt mask that covers the whole text, targets truncated away by max_length?")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated memory on a GPU; the process's peak resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

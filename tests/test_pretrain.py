@@ -160,7 +160,7 @@ def test_offline_fallback_pretrains_and_says_so(cache, monkeypatch):
     import gpt2lite.experiment as experiment
     from gpt2lite.report import OFFLINE_PRETRAINED_NOTE, method_row, to_markdown
 
-    monkeypatch.setattr(experiment, "hub_reachable", lambda: False)
+    monkeypatch.setattr("gpt2lite.base_model.hub_reachable", lambda: False)
     monkeypatch.setattr("gpt2lite.tasks.docstrings.pretraining_texts", lambda **kwargs: TEXTS)  # a small corpus
     base = experiment.load_base_model("gpt2", fallback_pretrain=tiny(steps=2))
     assert base.kind == "offline-pretrained" and base.random_init is False

@@ -135,7 +135,7 @@ def evaluate(model: Optional[str] = None, adapter: Optional[str] = None, data: D
         batch_size: examples per batch for the validation loss.
         device: cpu, cuda, cuda:1 (default: cuda when available).
     """
-    from ..experiment import build_task, infer_num_labels
+    from ..task_builders import build_task, infer_num_labels
     from ..report import method_row, write_report
     from ..tasks import collate
     from ..tokenizer import Tokenizer

@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 
 from ..data import DEFAULT_COLUMNS
-from ..experiment import generate_texts
+from ..task_builders import generate_texts
 from ..tasks import DEFAULT_TEMPLATE, build_generation_prompts, load_table
 from ..tasks.loading import as_list, require_columns
 from ..tokenizer import Tokenizer

@@ -76,7 +76,8 @@ def run(argv=None):
     """Parse argv and call the subcommand with its options as dataclasses."""
     _require_cli_extra()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("gpt2lite.experiment").setLevel(logging.ERROR)  # its fallback notes are printed
+    for name in ("gpt2lite.base_model", "gpt2lite.text_splits", "gpt2lite.task_builders"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # their fallback notes are printed
     parser = build_parser()
     config = parser.parse_args(argv)
     name = config.command

@@ -21,12 +21,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ..base_model import BaseModel, load_base_model
 from ..data import DataConfig, load_splits
-from ..experiment import BaseModel, build_task, infer_num_labels, load_base_model, run_method, virtual_tokens
+from ..experiment import run_method
 from ..generate import GenerationConfig
 from ..files import atomic_write_text
 from ..peft import MethodConfig
 from ..search import SearchConfig, run_search, space_for
+from ..task_builders import build_task, infer_num_labels, virtual_tokens
 from ..tasks import subset
 from ..tokenizer import Tokenizer
 from ..train import TrainConfig
