@@ -41,11 +41,13 @@ def test_lora_forward_is_base_plus_scaled_update():
     assert torch.equal(layer(x), torch.tensor([[5.5, 10.5]]))
 
 
-def test_lora_at_initialisation_changes_nothing():
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_lora_and_dora_at_initialisation_change_nothing(cls):
+    """B = 0, so B A x = 0 (and for DoRA m / ||W + 0|| = 1): the layer is the base layer exactly."""
     base = nn.Linear(2, 2)
-    layer = LoRALinear(base, rank=1, alpha=2)
+    layer = cls(base, rank=1, alpha=2)
     assert layer.weight is base.weight and layer.bias is base.bias  # taken over, not copied
-    assert torch.equal(layer.lora_B.weight, torch.zeros(2, 1))  # B = 0, so B A x = 0
+    assert torch.equal(layer.lora_B.weight, torch.zeros(2, 1))
     x = torch.randn(3, 2)
     with_adapter = layer(x)
     layer.adapter_enabled = False
@@ -86,12 +88,6 @@ def test_dora_magnitude_starts_at_the_row_norms_of_w():
     assert torch.equal(layer.lora_magnitude_vector, torch.tensor([4.0, 3.0]))
     assert {name for name, _ in layer.named_parameters()} == {
         "weight", "bias", "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}  # peft's names
-    # so with B = 0 (as initialised) m / ||W + 0|| = 1 and the layer is the base layer exactly
-    layer = DoRALinear(nn.Linear(2, 2), rank=1, alpha=1)
-    x = torch.randn(3, 2)
-    with_adapter = layer(x)
-    layer.adapter_enabled = False
-    assert torch.equal(with_adapter, layer(x))
 
 
 def test_dora_merged_weight_rescales_each_row_to_its_magnitude():
