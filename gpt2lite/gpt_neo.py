@@ -26,7 +26,7 @@ import torch.nn as nn
 from .config import GPT2Config
 from .errors import CheckpointError
 from .hf_config import first_id, hf_num_labels
-from .model import CausalSelfAttention, linear
+from .model import CausalSelfAttention
 
 MODEL_TYPE = "gpt_neo"
 
@@ -41,10 +41,10 @@ class GPTNeoSelfAttention(CausalSelfAttention):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=True)
 
     def project_qkv(self, x):
-        return linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)  # each (B, T, C)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)  # each (B, T, C)
 
     def project_out(self, y):
-        return self.resid_dropout(linear(self.out_proj, y))
+        return self.resid_dropout(self.out_proj(y))
 
 
 class GPTNeoAttention(nn.Module):

@@ -13,6 +13,10 @@
 
 Linear layers are plain nn.Linear (weight of shape (out, in)); Hugging Face's GPT-2 stores them as Conv1D
 (in, out), and hf.py transposes the four affected weights on load and save.
+
+The code is the textbook path. Every model is built with gpt2lite.kernels' faster equivalents switched on
+(`use_fast_kernels` at the end of each model's __init__: FastLinear layers, `sdpa` and `lm_loss` slots);
+`use_fast_kernels(model, False)` runs exactly what is written here.
 """
 
 from __future__ import annotations
@@ -25,10 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from .attention import dropout_attention
 from .config import GPT2Config
-from .linear import linear as fast_linear
-from .loss import IGNORE_INDEX, causal_lm_loss
+from .kernels import use_fast_kernels
+from .loss import IGNORE_INDEX, lm_loss
 
 
 def activation(name: str):
@@ -56,6 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn else 1.0
         self.build_projections(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.sdpa = F.scaled_dot_product_attention  # a kernel slot (gpt2lite.kernels)
 
     def build_projections(self, config: GPT2Config):
         """Create the linear layers project_qkv and project_out use: GPT-2's fused c_attn and c_proj."""
@@ -63,10 +67,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
     def project_qkv(self, x):
-        return linear(self.c_attn, x).split(x.size(-1), dim=-1)
+        return self.c_attn(x).split(x.size(-1), dim=-1)
 
     def project_out(self, y):
-        return self.resid_dropout(linear(self.c_proj, y))
+        return self.resid_dropout(self.c_proj(y))
 
     def forward(self, x, mask=None, kv_cache=None):
         """x: (B, T, C); mask: None (plain causal) or bool (B or 1, 1, T, S) with True = may attend."""
@@ -80,27 +84,10 @@ class CausalSelfAttention(nn.Module):
         # With no mask, queries and keys are aligned when T == S; a single query (decoding) sees every key.
         is_causal = mask is None and T == k.size(2) and T > 1
         dropout = self.dropout if self.training else 0.0
-        y = scaled_dot_product_attention(q, k, v, mask, is_causal, dropout, self.scale)  # (B, nh, T, hs)
+        y = self.sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                      scale=self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.project_out(y)
-
-
-def scaled_dot_product_attention(q, k, v, mask, is_causal: bool, dropout: float, scale: float):
-    """F.scaled_dot_product_attention, except for training with dropout on the CPU, where PyTorch's math
-    path keeps every (T x S) probability for backward: gpt2lite.attention.dropout_attention keeps a boolean
-    mask and recomputes the rest (same arithmetic, a third less activation memory)."""
-    if dropout > 0.0 and q.device.type == "cpu" and torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad):
-        return dropout_attention(q, k, v, mask, is_causal, dropout, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
-                                          scale=scale)
-
-
-def linear(module: nn.Module, x):
-    """module(x); a plain nn.Linear goes through gpt2lite.linear (oneDNN for float32 on the CPU)."""
-    if type(module) is nn.Linear:
-        return fast_linear(x, module.weight, module.bias)
-    return module(x)
 
 
 class MLP(nn.Module):
@@ -112,7 +99,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
-        return self.dropout(linear(self.c_proj, self.act(linear(self.c_fc, x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -294,8 +281,10 @@ class GPT2(PreTrained):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        self.lm_loss = lm_loss  # a kernel slot (gpt2lite.kernels)
         if not any(p.is_meta for p in self.parameters()):
             self._init_weights()
+        use_fast_kernels(self)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None,
                 inputs_embeds=None, last_only: bool = False, labels=None):
@@ -313,10 +302,10 @@ class GPT2(PreTrained):
                 if labels.shape != (B, T):
                     raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(B, T)} as input_ids")
                 labels = F.pad(labels, (1, 0), value=IGNORE_INDEX)  # (B, 1 + T)
-            return causal_lm_loss(hidden, labels, self.lm_head)
+            return self.lm_loss(hidden, labels, self.lm_head)
         if last_only:
             hidden = hidden[:, -1:, :]
-        return linear(self.lm_head, hidden)
+        return self.lm_head(hidden)
 
 
 class GPT2ForSequenceClassification(PreTrained):
@@ -334,6 +323,7 @@ class GPT2ForSequenceClassification(PreTrained):
         self.score = nn.Linear(config.n_embd, num_labels, bias=False)
         if not any(p.is_meta for p in self.parameters()):
             self._init_weights()
+        use_fast_kernels(self)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None):
         """Returns logits (B, num_labels); with labels (B,), the mean cross-entropy instead."""

@@ -38,7 +38,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .config import GPT2Config
-from .loss import linear_cross_entropy
+from .kernels.loss import linear_cross_entropy
 from .model import GPT2
 from .optim import lr_factor, parameter_groups
 

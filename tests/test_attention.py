@@ -1,4 +1,4 @@
-"""gpt2lite.attention.dropout_attention (training with dropout on the CPU) computes textbook attention with
+"""gpt2lite.kernels.attention.dropout_attention (training with dropout on the CPU) computes textbook attention with
 dropout, keeps no float (T x S) tensor for backward, and the model uses it only where it should."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lite import GPT2, GPT2Config
-from gpt2lite.attention import dropout_attention
+from gpt2lite.kernels.attention import dropout_attention
 
 B, NH, T, HS = 2, 3, 7, 8
 
@@ -69,11 +69,11 @@ def test_backward_keeps_only_q_k_v_and_a_boolean_mask():
 def test_model_uses_it_only_for_training_with_dropout(monkeypatch):
     """Evaluation and dropout-free training keep PyTorch's fused SDPA (results unchanged); training with
     dropout goes through dropout_attention."""
-    import gpt2lite.model as model_module
+    import gpt2lite.kernels.attention as attention_module
 
     calls = []
-    real = model_module.dropout_attention
-    monkeypatch.setattr(model_module, "dropout_attention", lambda *a: calls.append(1) or real(*a))
+    real = attention_module.dropout_attention
+    monkeypatch.setattr(attention_module, "dropout_attention", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(3))
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_name("tiny"))  # GPT-2's dropout of 0.1
@@ -99,7 +99,7 @@ def statistic(model, ids):
 def test_training_with_dropout_learns_like_sdpa_on_average():
     """Attention dropout matches PyTorch's SDPA dropout in distribution: the mean over draws of a statistic
     of the training-mode hidden states agrees (different draws, same distribution)."""
-    import gpt2lite.model as model_module
+    import gpt2lite.kernels.attention as attention_module
 
     torch.manual_seed(0)
     config = GPT2Config.from_name("tiny", embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.5)
@@ -109,12 +109,12 @@ def test_training_with_dropout_learns_like_sdpa_on_average():
         ours = torch.stack([statistic(model, ids) for _ in range(30)])
     sdpa = lambda q, k, v, mask, causal, p, scale: F.scaled_dot_product_attention(  # noqa: E731
         q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=scale)
-    original = model_module.dropout_attention
-    model_module.dropout_attention = sdpa
+    original = attention_module.dropout_attention
+    attention_module.dropout_attention = sdpa
     try:
         theirs = torch.stack([statistic(model, ids) for _ in range(30)])
     finally:
-        model_module.dropout_attention = original
+        attention_module.dropout_attention = original
     assert ours.std() > 0 and theirs.std() > 0
     spread = float(torch.sqrt(ours.var() / 30 + theirs.var() / 30))
     assert abs(float(ours.mean() - theirs.mean())) < 4 * spread + 1e-4

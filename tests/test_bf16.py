@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gpt2lite import GPT2
-from gpt2lite.attention import dropout_attention
+from gpt2lite.kernels.attention import dropout_attention
 from gpt2lite.peft import add_lora, load_adapter
 from gpt2lite.precision import cpu_has_native_bf16, resolve_precision
 from gpt2lite.train import TrainConfig, train

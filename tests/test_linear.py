@@ -1,4 +1,4 @@
-"""gpt2lite.linear: float32 CPU matmuls through oneDNN give F.linear's outputs and gradients (to float32
+"""gpt2lite.kernels.linear: float32 CPU matmuls through oneDNN give F.linear's outputs and gradients (to float32
 rounding), the same greedy tokens and model losses; everything else is F.linear itself, bit for bit."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2lite import GPT2, GPT2Config, generate
-from gpt2lite.linear import linear, uses_onednn
+from gpt2lite.kernels.linear import linear, uses_onednn
 
 needs_onednn = pytest.mark.skipif(not uses_onednn(torch.zeros(1), torch.zeros(1)),
                                   reason="this PyTorch has no oneDNN linear")

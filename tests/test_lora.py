@@ -7,6 +7,7 @@ import torch
 from gpt2lite import GPT2, GPT2ForSequenceClassification
 from gpt2lite.architectures import architecture
 from gpt2lite.hf import hf_to_gpt2lite, read_state_dict
+from gpt2lite.kernels import FastLinear
 from gpt2lite.peft import (LoRALinear, ModulesToSave, add_lora, disable_adapters, merge_and_unload, merge_lora,
                            quantize_nf4, unmerge_lora)
 from helpers import TOKENS, adamw_steps, load
@@ -138,7 +139,8 @@ def test_qlora_base_merge_is_refused_and_merge_and_unload_dequantizes(tiny_hf_di
     with pytest.raises(RuntimeError, match="merge_and_unload"):
         merge_lora(model)
     merge_and_unload(model)
-    assert type(model.transformer.h[0].attn.c_attn) is torch.nn.Linear  # dequantized, merged, kept in float
+    # dequantized, merged, kept in float, as a plain linear layer with the model's (fast) kernels
+    assert type(model.transformer.h[0].attn.c_attn) is FastLinear
     assert (model(TOKENS) - adapted).abs().max() < 1e-5
 
 

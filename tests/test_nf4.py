@@ -145,7 +145,7 @@ def test_bad_input_gets_clear_errors(tiny_hf_dir):
 def float_path_forward(self, x):
     """NF4Linear.forward before the dequantizing autograd Function: dequantize, then a differentiable linear
     (which saves the float weight for backward). The reference for values and gradients."""
-    from gpt2lite.linear import linear
+    from gpt2lite.kernels.linear import linear
 
     weight = self.dequantize()
     bias = None if self.bias is None else self.bias.to(self.compute_dtype)

@@ -14,9 +14,10 @@ from typing import Collection, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..architectures import default_targets
-from ..linear import linear
+from ..kernels import is_plain_linear
 from .adapter import adapter_parameters, train_classifier_head, train_only
 from .inject import as_patterns, find_targets, matches, replace_modules, unchanged_on_error
 
@@ -26,7 +27,7 @@ class IA3Linear(nn.Module):
 
     def __init__(self, base: nn.Linear, feedforward: bool):
         super().__init__()
-        if type(base) is not nn.Linear:
+        if not is_plain_linear(base):
             raise TypeError(f"IA3 needs an nn.Linear, got {type(base).__name__}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias  # taken over: keys stay "<name>.weight/.bias"
@@ -34,16 +35,17 @@ class IA3Linear(nn.Module):
         size = self.in_features if feedforward else self.out_features
         self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
         self.adapter_enabled = True
+        self.linear = F.linear  # a kernel slot (gpt2lite.kernels)
 
     def adapter_parameters(self):
         return [self.ia3_l]
 
     def forward(self, x):
         if not self.adapter_enabled:
-            return linear(x, self.weight, self.bias)
+            return self.linear(x, self.weight, self.bias)
         if self.feedforward:
-            return linear(x * self.ia3_l.to(x.dtype), self.weight, self.bias)
-        result = linear(x, self.weight, self.bias)
+            return self.linear(x * self.ia3_l.to(x.dtype), self.weight, self.bias)
+        result = self.linear(x, self.weight, self.bias)
         return result * self.ia3_l.to(result.dtype)
 
     def extra_repr(self):

@@ -13,6 +13,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
+from ..kernels import use_fast_kernels, uses_fast_kernels
+
 # peft's rule for the layer index: the first number that follows a dotted name part ("transformer.h.3.").
 LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # nn.Module's own dicts: copied, not shared
@@ -97,13 +99,14 @@ def replace_modules(model: nn.Module, names: Sequence[str],
     """Put `build(name, module)` in place of each named module; returns {name: the module replaced}.
 
     The new modules take the model's mode (train or eval): a LoRA dropout added to a model in eval mode
-    stays off."""
+    stays off; and the kernels of the module they replace (gpt2lite.kernels): fast stays fast."""
     replaced = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         original = getattr(parent, child)
-        setattr(parent, child, build(name, original).train(model.training))
+        new = build(name, original).train(model.training)
+        setattr(parent, child, use_fast_kernels(new, uses_fast_kernels(original)))
         replaced[name] = original
     return replaced
 

@@ -19,8 +19,8 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..linear import linear
 from .adapter import adapter_parameters, train_only
 from .inject import as_patterns, find_targets, replace_modules
 from .modules_to_save import ModulesToSave, add_modules_to_save, modules_to_save_of
@@ -50,6 +50,7 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
         self.merged = False
         self.adapter_enabled = True
+        self.linear = F.linear  # a kernel slot (gpt2lite.kernels): the base product
 
     # --- the base layer: an nn.Linear whose weight and bias this layer takes over ----------------------
     def take_base(self, base: nn.Linear):
@@ -69,7 +70,7 @@ class LoRALinear(nn.Module):
         return self.weight
 
     def base_forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
     # --- the adapter ---------------------------------------------------------------------------------
     def adapter_parameters(self) -> List[nn.Parameter]:
@@ -152,7 +153,7 @@ class DoRALinear(LoRALinear):
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             base_without_bias = result if self.base_bias is None else result - self.base_bias
         else:  # peft runs the dropped-out input through W
-            base_without_bias = linear(dropped, weight)
+            base_without_bias = self.linear(dropped, weight)
         return (norm_scale - 1) * base_without_bias + norm_scale * lora
 
     @torch.no_grad()

@@ -17,10 +17,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..architectures import default_targets
 from ..dtypes import DTYPES
-from ..linear import linear
+from ..kernels import is_plain_linear
 from .nf4 import NF4_BLOCK_SIZE, NF4Tensor, QuantizedAbsmax, dequantize_nf4_tensor, dynamic_map, nf4_codebook
 from .inject import find_targets, replace_modules
 from .lora import DoRALinear, LoRALinear, plain_linear
@@ -58,6 +59,7 @@ class NF4Linear(nn.Module):
         self.register_buffer("absmax_levels", dynamic_map().to(linear.weight.device), persistent=False)
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.linear = F.linear  # a kernel slot (gpt2lite.kernels): the product with the dequantized weight
 
     def quantized(self) -> NF4Tensor:
         shape = torch.Size((self.out_features, self.in_features))
@@ -105,7 +107,7 @@ class DequantizingLinear(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         with torch.autocast(device_type, enabled=False):
             weight = layer.dequantize(dtype)  # (out, in), freed on return
-            out = linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))  # (..., out)
+            out = layer.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))  # (..., out)
         return out.to(x.dtype)
 
     @staticmethod
@@ -135,7 +137,7 @@ def quantize_nf4(model: nn.Module, targets: Optional[Sequence[str]] = None, comp
             raise ValueError(f"{name} is already quantized")
         if name.endswith("lm_head"):
             raise ValueError("lm_head is tied to transformer.wte and cannot be quantized; leave it out of targets")
-        if type(module) is not nn.Linear:
+        if not is_plain_linear(module):
             raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear; quantize the model "
                              "before adding adapters")
         if module.weight.is_meta:

@@ -1,21 +1,17 @@
-"""y = x @ W^T + b, with the forward matmul through oneDNN for float32 on the CPU.
+"""FastLinear: nn.Linear whose float32 CPU forward runs through oneDNN instead of MKL.
 
-PyTorch's CPU matmuls go to MKL. On CPUs that MKL does not give its fastest path (the benchmark machine is
-an AMD EPYC with AVX-512, where MKL runs its AVX2 kernels), oneDNN, which PyTorch also ships, is faster on
-GPT-2's shapes. Measured there, GFLOP/s of MKL -> oneDNN:
-
-    training, 1024 rows:  768 -> 2304  150 -> 201    768 -> 3072  172 -> 203    768 -> 50257  98 -> 156
-    decoding, 4 rows:     768 -> 50257 (the LM head) 15.1 ms -> 10.6 ms; each block's four layers 1.8 -> 1.0 ms
-
-The backward matmuls (x's and W's gradients) stay with MKL, which was as fast or faster on them. The
-products and sums are the same; only their order differs, in the last bits of float32. Anything else (CUDA,
-other dtypes, autocast, a PyTorch without oneDNN, or `torch.backends.mkldnn.flags(enabled=False)`) is plain
-F.linear.
+What it buys: PyTorch's CPU matmuls go to MKL, which on some CPUs (the AMD EPYC the benchmarks first ran on)
+takes its AVX2 kernels; oneDNN, which PyTorch also ships, runs GPT-2's shapes faster there, most of all the
+LM head of a decoding step. On other CPUs the two are about even. The backward matmuls stay with MKL. The
+products and sums are the same, only their order differs (the last bits of float32). Anything else (CUDA,
+other dtypes, autocast, a PyTorch without oneDNN, `torch.backends.mkldnn.flags(enabled=False)`) is F.linear.
+Measured against transformers + peft: benchmarks/run.py (README, "Performance"); tests/test_linear.py.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch.ops, "mkldnn") else None
@@ -66,3 +62,16 @@ class _OneDNNLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)  # (out,)
         return grad_x, grad_weight, grad_bias
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear with its forward through `linear` above; same parameters, state-dict keys and results (to
+    float32 rounding). use_fast_kernels turns a model's nn.Linear layers into FastLinear and back."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+def is_plain_linear(module) -> bool:
+    """Whether `module` is an nn.Linear as built, fast or not (not a subclass with other arithmetic)."""
+    return type(module) in (nn.Linear, FastLinear)

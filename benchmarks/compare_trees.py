@@ -1,0 +1,146 @@
+"""Did a change make gpt2lite slower against the reference? Two gpt2lite checkouts and transformers + peft on
+the same work, interleaved: `python benchmarks/compare_trees.py --baseline /path/to/other/checkout`.
+
+Each configuration (workload x mode, greedy generation) runs as three child processes per round: the
+reference, this checkout's gpt2lite and the baseline checkout's gpt2lite, each through its own tree's
+benchmarks/child.py with that tree first on PYTHONPATH. The order rotates every round, and each figure is
+the best round's median step, so slow spells of a shared machine hit both trees alike. The speed ratios
+(reference time / gpt2lite time, as in run.py) of both trees come from the same run.
+
+    git worktree add /tmp/before <commit>
+    python benchmarks/compare_trees.py --baseline /tmp/before --rounds 2 --steps 3 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import workloads  # noqa: E402
+from run import log, machine_info  # noqa: E402
+
+MODES = ("full", "lora", "prompt", "last2", "qlora")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", required=True, help="another gpt2lite checkout (a git worktree)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--workloads", default="lm,summarization")
+    parser.add_argument("--summarization-modes", default="full,lora,qlora",
+                        help="modes for the summarization workload (the longer steps)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lm-seq-len", type=int, default=256)
+    parser.add_argument("--summarization-seq-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--name", default="compare_trees", help="results/<name>.{json,md}")
+    args = parser.parse_args(argv)
+    for name in ("modes", "workloads", "summarization_modes"):
+        setattr(args, name, [x for x in getattr(args, name).split(",") if x])
+    return args
+
+
+def run_in_tree(tree: Path, spec: dict, workdir: Path) -> dict:
+    """One measurement by `tree`'s own benchmarks/child.py, with `tree` first on the import path."""
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(tree),
+               OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    done = subprocess.run([sys.executable, str(tree / "benchmarks" / "child.py"), str(spec_path)], env=env,
+                          capture_output=True, text=True, cwd=str(tree))
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"child failed in {tree} for {spec}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def measure(runners: dict, spec: dict, rounds: int, workdir: Path, key: str) -> dict:
+    """{runner: the best round's result (lowest `key`)}, the runners' order rotated every round."""
+    names = list(runners)
+    best = {}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            tree, stack = runners[name]
+            if stack == "reference" and spec.get("mode") == "qlora":
+                continue  # no CPU QLoRA in the reference stack (bitsandbytes)
+            result = run_in_tree(tree, dict(spec, stack=stack), workdir)
+            log(f"{spec.get('workload', 'generation'):13s} {spec.get('mode', ''):6s} {name:9s} round {r}: "
+                f"{result[key]:.3f} s")
+            if name not in best or result[key] < best[name][key]:
+                best[name] = result
+    return best
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    this, baseline = HERE.parent, Path(args.baseline).resolve()
+    runners = {"reference": (this, "reference"), "this": (this, "gpt2lite"), "baseline": (baseline, "gpt2lite")}
+    common = dict(preset="gpt2", threads=args.threads, device="cpu", seed=0)
+    results = dict(machine=machine_info("cpu"), settings=vars(args), baseline=str(baseline), rows=[])
+    with tempfile.TemporaryDirectory(prefix="gpt2lite-trees-") as tmp:
+        workdir = Path(tmp)
+        for workload in args.workloads:
+            seq_len = args.lm_seq_len if workload == "lm" else args.summarization_seq_len
+            input_ids, labels = workloads.build_inputs(workload, args.warmup + args.steps, args.batch_size,
+                                                       seq_len, 50257)
+            inputs = workdir / f"{workload}.pt"
+            torch.save({"input_ids": input_ids, "labels": labels}, inputs)
+            modes = args.modes if workload == "lm" else [m for m in args.modes if m in args.summarization_modes]
+            for mode in modes:
+                spec = dict(common, task="train", mode=mode, workload=workload, inputs=str(inputs),
+                            steps=args.steps, warmup=args.warmup, dropout=True)
+                best = measure(runners, spec, args.rounds, workdir, "median_step_s")
+                results["rows"].append(dict(workload=workload, mode=mode, **{
+                    name: dict(step_s=r["median_step_s"], peak_rss_gb=r["peak_rss_bytes"] / 1e9)
+                    for name, r in best.items()}))
+        prompts = workdir / "prompts.pt"
+        torch.save({"prompts": workloads.generation_prompts(args.batch_size, 128, 50257)}, prompts)
+        spec = dict(common, task="generate", inputs=str(prompts), new_tokens=args.new_tokens, repeats=3)
+        best = measure(runners, spec, args.rounds, workdir, "median_s")
+        results["rows"].append(dict(workload="generation", mode="greedy", **{
+            name: dict(step_s=r["median_s"], peak_rss_gb=r["peak_rss_bytes"] / 1e9) for name, r in best.items()}))
+    markdown = render(results)
+    print(markdown)
+    out = HERE / "results"
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{args.name}.md").write_text(markdown + "\n")
+    return results
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, float32, "
+             f"best of {results['settings']['rounds']} interleaved rounds of the median of "
+             f"{results['settings']['steps']} steps. baseline = {results['baseline']}.", "",
+             "| workload | mode | ref s | this s | baseline s | speed x this | speed x baseline | this / baseline time "
+             "| ref RSS GB | this RSS GB | baseline RSS GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["rows"]:
+        ref, new, old = row.get("reference"), row["this"], row["baseline"]
+
+        def cell(x, fmt="{:.2f}"):
+            return "–" if x is None else fmt.format(x)
+
+        lines.append(" | ".join([
+            f"| {row['workload']}", row["mode"], cell(ref and ref["step_s"]), cell(new["step_s"]),
+            cell(old["step_s"]), cell(ref and ref["step_s"] / new["step_s"]),
+            cell(ref and ref["step_s"] / old["step_s"]), cell(new["step_s"] / old["step_s"], "{:.3f}"),
+            cell(ref and ref["peak_rss_gb"]), cell(new["peak_rss_gb"]), cell(old["peak_rss_gb"])]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
