@@ -13,10 +13,10 @@ from typing import Callable, Dict, Type
 import torch.nn as nn
 
 from . import gpt_neo
+from .attention import CausalSelfAttention
 from .config import PRESETS, GPT2Config
 from .errors import CheckpointError
 from .hf_config import gpt2_config_from_hf, gpt2_config_to_hf
-from .model import CausalSelfAttention
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from .config import GPT2Config
 from .errors import CheckpointError
 from .hf_config import first_id, hf_num_labels
-from .model import CausalSelfAttention
+from .attention import CausalSelfAttention
 
 MODEL_TYPE = "gpt_neo"
 
