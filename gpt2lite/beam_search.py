@@ -40,8 +40,7 @@ def beam_search(model, cache, logits, mask, next_position, config, history=None)
     next_position = next_position.repeat_interleave(beams, dim=0)  # (B * nb, 1)
     logits = logits.repeat_interleave(beams, dim=0)  # (B * nb, 1, V)
 
-    keep = 2 * beams  # enough candidates that num_beams of them can run on even if num_beams end
-    top_beams = torch.arange(keep, device=device) < beams  # (2nb,) only these may become hypotheses
+    top_beams = torch.arange(2 * beams, device=device) < beams  # (2nb,) only these may become hypotheses
     row_offset = torch.arange(B, device=device)[:, None] * beams  # (B, 1) flat index of each row's beam 0
     running = torch.full((B, beams, max_new), fill, dtype=torch.long, device=device)  # new tokens per beam
     running_scores = torch.zeros(B, beams, device=device)
@@ -50,15 +49,7 @@ def beam_search(model, cache, logits, mask, next_position, config, history=None)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
 
     for step in range(max_new):
-        log_probs = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (B * nb, V)
-        if history is not None:
-            log_probs = history.process(log_probs)
-        V = log_probs.size(-1)
-        totals = (log_probs.view(B, beams, V) + running_scores[:, :, None]).view(B, beams * V)
-        top_scores, top_index = torch.topk(totals, keep)  # (B, 2nb)
-        parent, token = top_index // V, top_index % V  # (B, 2nb) each
-        candidates = gather_beams(running, parent)  # (B, 2nb, max_new)
-        candidates[:, :, step] = token
+        top_scores, parent, token, candidates = top_candidates(logits, history, running, running_scores, step)
         ends = candidates_end(history, config, parent + row_offset, token, step)  # (B, 2nb)
 
         # the best num_beams candidates that do not end run on
@@ -90,6 +81,24 @@ def beam_search(model, cache, logits, mask, next_position, config, history=None)
         logits = model(tokens[:, None], attention_mask=mask, position_ids=next_position, kv_cache=cache)
         next_position = next_position + 1
     return hypotheses.best()  # (B, n_new)
+
+
+def top_candidates(logits, history, running, running_scores, step: int):
+    """The 2 * num_beams best continuations of each prompt's beams by summed log-probability (after the
+    controls): enough that num_beams of them can run on even if num_beams end. logits (B * nb, 1, V),
+    running (B, nb, max_new) and running_scores (B, nb) are the beams'. Returns their scores, parent beams
+    and tokens, (B, 2nb) each, and their sequences (B, 2nb, max_new) with the new token at `step`."""
+    B, beams, _ = running.shape
+    log_probs = F.log_softmax(logits[:, -1, :].float(), dim=-1)  # (B * nb, V)
+    if history is not None:
+        log_probs = history.process(log_probs)
+    V = log_probs.size(-1)
+    totals = (log_probs.view(B, beams, V) + running_scores[:, :, None]).view(B, beams * V)
+    top_scores, top_index = torch.topk(totals, 2 * beams)  # (B, 2nb)
+    parent, token = top_index // V, top_index % V  # (B, 2nb) each
+    candidates = gather_beams(running, parent)  # (B, 2nb, max_new)
+    candidates[:, :, step] = token
+    return top_scores, parent, token, candidates
 
 
 def candidates_end(history, config, rows, token, step: int):

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from . import distributed
-from .memory import peak_memory_mb  # noqa: F401  (train_eval.peak_memory_mb, as before)
 from .loss import IGNORE_INDEX
 from .precision import autocast, resolve_precision
 
