@@ -1,9 +1,10 @@
 """The Hugging Face bridge: read and write checkpoints that transformers reads and writes.
 
-Loading: a hub id is downloaded (and cached) through huggingface_hub; a local directory is read directly.
-Weights come from model.safetensors, pytorch_model.bin, or a sharded index of either. What differs between
-architectures (config.json's fields, weights stored transposed (GPT-2's Conv1D), buffers to ignore) comes
-from their records in architectures.py.
+Loading: a hub id is downloaded (and cached) through huggingface_hub; a local directory is read directly:
+config.json here, the weights (model.safetensors, pytorch_model.bin, or a sharded index of either) a tensor
+at a time through hf_weights.CheckpointReader, checked against the model before any is read. What differs
+between architectures (config.json's fields, weights stored transposed (GPT-2's Conv1D), buffers to ignore)
+comes from their records in architectures.py.
 """
 
 from __future__ import annotations
@@ -11,21 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from .architectures import Architecture, architecture
+from .architectures import architecture
 from .config import GPT2Config
 from .dtypes import torch_dtype
 from .errors import CheckpointError  # noqa: F401  (re-exported: `from gpt2lite.hf import CheckpointError`)
 from .files import atomic_write, atomic_write_text, read_json_object
+from .hf_weights import WEIGHT_FILES, CheckpointReader
+from .hf_weights import hf_to_gpt2lite, read_state_dict  # noqa: F401  (re-exported for users of gpt2lite.hf)
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 
 
 # ---------------------------------------------------------------------------------------------- locating
@@ -87,6 +86,7 @@ def _download_bin_if_needed(directory: str, name_or_path: str) -> str:
 
 
 def read_config(directory: str) -> GPT2Config:
+    """GPT2Config from a checkpoint directory's config.json, through its architecture's mapping."""
     path = os.path.join(directory, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{directory!r} has no config.json; is it a Hugging Face model directory?")
@@ -100,134 +100,6 @@ def read_config(directory: str) -> GPT2Config:
         raise CheckpointError(f"{path} lacks the field {missing}") from None
     except (TypeError, ValueError) as error:  # GPT2Config's validation: a wrong type, n_embd % n_head, ...
         raise CheckpointError(f"{path}: {error}") from None
-
-
-def _load_file(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(
-            f"could not read {path}: {type(error).__name__}: {error}. The file is probably truncated or "
-            "corrupted (an interrupted download?); delete it and download or save it again."
-        ) from None
-
-
-def read_state_dict(directory: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, from a single file or a sharded index."""
-    for name in WEIGHT_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            continue
-        if not name.endswith(".index.json"):
-            return _load_file(path)
-        shards = _shards(path)
-        state = {}
-        for shard in shards:
-            shard_path = os.path.join(directory, shard)
-            if not os.path.exists(shard_path):
-                raise CheckpointError(f"{path} names the shard {shard}, which is missing from {directory}")
-            state.update(_load_file(shard_path))
-        return state
-    raise CheckpointError(
-        f"{directory!r} holds no weights: expected one of {', '.join(WEIGHT_FILES)}"
-    )
-
-
-def _shards(index_path: str) -> List[str]:
-    """The shard file names a sharded checkpoint's index (model.safetensors.index.json) lists."""
-    index = read_json_object(index_path, "not an object ({\"weight_map\": {...}}, a sharded checkpoint index)",
-                             "the file is probably truncated or corrupted: download or save the checkpoint again")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"{index_path} has no weight_map (an object from each weight name to its shard "
-                              "file); it is not a sharded checkpoint index: download or save the checkpoint again")
-    return sorted(set(weight_map.values()))
-
-
-def hf_to_gpt2lite(state: Dict[str, torch.Tensor], arch: Architecture) -> Dict[str, torch.Tensor]:
-    """Rename (add the 'transformer.' prefix bare GPT2Model checkpoints lack), transpose Conv1D weights,
-    drop buffers."""
-    out = {}
-    for key, tensor in state.items():
-        if any(re.search(pattern, key) for pattern in arch.ignored):
-            continue
-        if not key.startswith(("transformer.", "lm_head.", "score.")):
-            key = "transformer." + key
-        if key.endswith(arch.transposed):
-            tensor = tensor.t()
-        out[key] = tensor
-    return out
-
-
-class CheckpointReader:
-    """The tensors of a checkpoint directory, read one at a time, in gpt2lite's names and layout.
-
-    `shapes` maps every gpt2lite key to its shape (read from the headers, no data); `get(key)` reads one.
-    """
-
-    def __init__(self, directory: str, arch):
-        self.arch = arch
-        self.directory = directory
-        self.files: Dict[str, tuple] = {}  # gpt2lite key -> (safetensors file, checkpoint key)
-        self.shapes: Dict[str, torch.Size] = {}
-        self.loaded: Optional[Dict[str, torch.Tensor]] = None  # a .bin checkpoint, read whole
-        files = safetensors_files(directory)
-        if files is None:
-            self.loaded = hf_to_gpt2lite(read_state_dict(directory), arch)  # a .bin cannot be read in parts
-            self.shapes = {key: tensor.shape for key, tensor in self.loaded.items()}
-            return
-        from safetensors import safe_open
-
-        for path in files:
-            try:
-                with safe_open(path, framework="pt") as handle:
-                    for name in handle.keys():
-                        shape = handle.get_slice(name).get_shape()
-                        # hf_to_gpt2lite on a shape-only tensor: the renaming and transposition of the real one
-                        for key, meta in hf_to_gpt2lite({name: torch.empty(shape, device="meta")}, arch).items():
-                            self.files[key], self.shapes[key] = (path, name), meta.shape
-            except Exception as error:
-                raise CheckpointError(f"could not read {path}: {type(error).__name__}: {error}. The file is probably "
-                                      "truncated or corrupted; delete it and download or save it again.") from None
-
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor (gpt2lite name and layout), read from disk now."""
-        if self.loaded is not None:
-            tensor = self.loaded.pop(key)
-        else:
-            from safetensors import safe_open
-
-            path, name = self.files[key]
-            try:
-                with safe_open(path, framework="pt") as handle:  # closed again: its pages leave the resident set
-                    tensor = hf_to_gpt2lite({name: handle.get_tensor(name)}, self.arch)[key]
-            except Exception as error:
-                raise CheckpointError(f"could not read {name} from {path}: {type(error).__name__}: {error}. The file "
-                                      "is probably truncated or corrupted; delete it and download or save it "
-                                      "again.") from None
-        require_float_weight(key, tensor, self.directory)
-        return tensor
-
-
-def safetensors_files(directory: str) -> Optional[list]:
-    """The safetensors file(s) of a checkpoint directory (one, or the shards of an index); None if it has
-    only pytorch_model.bin weights."""
-    for name in WEIGHT_FILES:
-        path = os.path.join(directory, name)
-        if not os.path.exists(path) or "safetensors" not in name:
-            continue
-        if not name.endswith(".index.json"):
-            return [path]
-        shards = _shards(path)
-        missing = [s for s in shards if not os.path.exists(os.path.join(directory, s))]
-        if missing:
-            raise CheckpointError(f"{path} names the shard {missing[0]}, which is missing from {directory}")
-        return [os.path.join(directory, shard) for shard in shards]
-    return None
 
 
 def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels: Optional[int] = None,
@@ -253,14 +125,6 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
     return model.eval()  # as transformers does: dropout off until training asks for it
-
-
-def require_float_weight(key: str, tensor: torch.Tensor, directory: str):
-    """Every weight gpt2lite loads is floating point: an integer tensor means a corrupted or foreign file."""
-    if not tensor.is_floating_point():
-        raise CheckpointError(
-            f"{key} in {directory!r} holds {tensor.dtype} values, not floating-point weights; the "
-            "checkpoint is corrupted or not a model's weights (gpt2lite loads float32, float16 or bfloat16)")
 
 
 def model_for_checkpoint(cls, config: GPT2Config, directory: str, shapes: Dict[str, torch.Size],
@@ -314,6 +178,7 @@ def model_for_checkpoint(cls, config: GPT2Config, directory: str, shapes: Dict[s
 
 
 def gpt2lite_to_hf(model) -> Dict[str, torch.Tensor]:
+    """The model's tensors under transformers' names and layout (the reverse of hf_weights.hf_to_gpt2lite)."""
     arch = architecture(model.config.model_type)
     out = {}
     for key, tensor in model.state_dict().items():

@@ -6,8 +6,8 @@ its float weight is freed before the next is read. The embeddings, LayerNorms an
 quantized are read last. Peak memory is about the 4-bit model plus one float layer (gpt2-xl: the float
 checkpoint is 6.2 GB). The result equals from_pretrained followed by quantize_nf4, code for code.
 
-The checkpoint is read through hf.CheckpointReader (a tensor at a time; a pytorch_model.bin is loaded whole,
-with a warning).
+The checkpoint is read through hf_weights.CheckpointReader (a tensor at a time; a pytorch_model.bin is
+loaded whole, with a warning).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from .config import GPT2Config
 from .architectures import architecture, default_targets
 from .dtypes import torch_dtype
 from .errors import CheckpointError
-from .hf import CheckpointReader, model_for_checkpoint
+from .hf import model_for_checkpoint
+from .hf_weights import CheckpointReader
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Adapters on disk in peft's format: adapter_config.json + adapter_model.safetensors, for every method.
 
 save_adapter is the one writer and load_adapter the one reader; what each method's config and tensors are
-called is in peft_format.py, which they consult for the model's method (or the file's peft_type).
+called is in peft_format.py (prompt_learning_format.py for soft prompts and prefixes), which they consult for
+the model's method (or the file's peft_type).
 
 Loading is all or nothing. The files are read and their settings checked first; then the adapter is
 injected, its tensors' names and shapes are compared with what the model now expects, and only then are
@@ -23,7 +24,8 @@ from ..errors import CheckpointError
 from ..files import atomic_write, atomic_write_text, read_json_object
 from ..hf import resolve
 from .inject import unchanged_on_error
-from .peft_format import IA3Format, LoRAFormat, PeftFormat, PrefixFormat, PromptFormat, peft_tensors
+from .peft_format import IA3Format, LoRAFormat, PeftFormat, peft_tensors
+from .prompt_learning_format import PrefixFormat, PromptFormat
 
 logger = logging.getLogger(__name__)
 
