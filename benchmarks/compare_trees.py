@@ -3,9 +3,10 @@ the same work, interleaved: `python benchmarks/compare_trees.py --baseline /path
 
 Each configuration (workload x mode, greedy generation) runs as three child processes per round: the
 reference, this checkout's gpt2lite and the baseline checkout's gpt2lite, each through its own tree's
-benchmarks/child.py with that tree first on PYTHONPATH. The order rotates every round, and each figure is
-the best round's median step, so slow spells of a shared machine hit both trees alike. The speed ratios
-(reference time / gpt2lite time, as in run.py) of both trees come from the same run.
+benchmarks/child.py with that tree first on PYTHONPATH. The order rotates every round, so slow spells of a
+shared machine hit both trees alike. Each figure is the median over rounds of each round's median step (the
+JSON keeps every round). The speed ratios (reference time / gpt2lite time, as in run.py) of both trees
+come from the same run.
 
     git worktree add /tmp/before <commit>
     python benchmarks/compare_trees.py --baseline /tmp/before --rounds 2 --steps 3 --warmup 1
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,9 +71,10 @@ def run_in_tree(tree: Path, spec: dict, workdir: Path) -> dict:
 
 
 def measure(runners: dict, spec: dict, rounds: int, workdir: Path, key: str) -> dict:
-    """{runner: the best round's result (lowest `key`)}, the runners' order rotated every round."""
+    """{runner: {"step_s": median over rounds of `key`, "rounds": every round's `key`, "peak_rss_gb": the
+    highest}}, the runners' order rotated every round."""
     names = list(runners)
-    best = {}
+    seen = {}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             tree, stack = runners[name]
@@ -80,16 +83,17 @@ def measure(runners: dict, spec: dict, rounds: int, workdir: Path, key: str) -> 
             result = run_in_tree(tree, dict(spec, stack=stack), workdir)
             log(f"{spec.get('workload', 'generation'):13s} {spec.get('mode', ''):6s} {name:9s} round {r}: "
                 f"{result[key]:.3f} s")
-            if name not in best or result[key] < best[name][key]:
-                best[name] = result
-    return best
+            seen.setdefault(name, []).append(result)
+    return {name: dict(step_s=statistics.median(r[key] for r in results), rounds=[r[key] for r in results],
+                       peak_rss_gb=max(r["peak_rss_bytes"] for r in results) / 1e9)
+            for name, results in seen.items()}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     this, baseline = HERE.parent, Path(args.baseline).resolve()
     runners = {"reference": (this, "reference"), "this": (this, "gpt2lite"), "baseline": (baseline, "gpt2lite")}
-    common = dict(preset="gpt2", threads=args.threads, device="cpu", seed=0)
+    common = dict(preset="gpt2", threads=args.threads, device="cpu", precision="fp32", seed=0)
     results = dict(machine=machine_info("cpu"), settings=vars(args), baseline=str(baseline), rows=[])
     with tempfile.TemporaryDirectory(prefix="gpt2lite-trees-") as tmp:
         workdir = Path(tmp)
@@ -103,16 +107,13 @@ def main(argv=None) -> dict:
             for mode in modes:
                 spec = dict(common, task="train", mode=mode, workload=workload, inputs=str(inputs),
                             steps=args.steps, warmup=args.warmup, dropout=True)
-                best = measure(runners, spec, args.rounds, workdir, "median_step_s")
-                results["rows"].append(dict(workload=workload, mode=mode, **{
-                    name: dict(step_s=r["median_step_s"], peak_rss_gb=r["peak_rss_bytes"] / 1e9)
-                    for name, r in best.items()}))
+                results["rows"].append(dict(workload=workload, mode=mode,
+                                            **measure(runners, spec, args.rounds, workdir, "median_step_s")))
         prompts = workdir / "prompts.pt"
         torch.save({"prompts": workloads.generation_prompts(args.batch_size, 128, 50257)}, prompts)
         spec = dict(common, task="generate", inputs=str(prompts), new_tokens=args.new_tokens, repeats=3)
-        best = measure(runners, spec, args.rounds, workdir, "median_s")
-        results["rows"].append(dict(workload="generation", mode="greedy", **{
-            name: dict(step_s=r["median_s"], peak_rss_gb=r["peak_rss_bytes"] / 1e9) for name, r in best.items()}))
+        results["rows"].append(dict(workload="generation", mode="greedy",
+                                    **measure(runners, spec, args.rounds, workdir, "median_s")))
     markdown = render(results)
     print(markdown)
     out = HERE / "results"
@@ -124,8 +125,8 @@ def main(argv=None) -> dict:
 def render(results: dict) -> str:
     m = results["machine"]
     lines = [f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores), torch {m['torch']}, float32, "
-             f"best of {results['settings']['rounds']} interleaved rounds of the median of "
-             f"{results['settings']['steps']} steps. baseline = {results['baseline']}.", "",
+             f"median of {results['settings']['rounds']} interleaved rounds, each the median of "
+             f"{results['settings']['steps']} steps (generation: of 3 runs); peak RSS the highest. baseline = {results['baseline']}.", "",
              "| workload | mode | ref s | this s | baseline s | speed x this | speed x baseline | this / baseline time "
              "| ref RSS GB | this RSS GB | baseline RSS GB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
