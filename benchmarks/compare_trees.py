@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import workloads  # noqa: E402
-from run import log, machine_info  # noqa: E402
+from run import log, machine_info, run_child  # noqa: E402
 
 MODES = ("full", "lora", "prompt", "last2", "qlora")
 
@@ -56,20 +54,6 @@ def parse_args(argv=None):
     return args
 
 
-def run_in_tree(tree: Path, spec: dict, workdir: Path) -> dict:
-    """One measurement by `tree`'s own benchmarks/child.py, with `tree` first on the import path."""
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(tree),
-               OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    done = subprocess.run([sys.executable, str(tree / "benchmarks" / "child.py"), str(spec_path)], env=env,
-                          capture_output=True, text=True, cwd=str(tree))
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"child failed in {tree} for {spec}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-
-
 def measure(runners: dict, spec: dict, rounds: int, workdir: Path, key: str) -> dict:
     """{runner: {"step_s": median over rounds of `key`, "rounds": every round's `key`, "peak_rss_gb": the
     highest}}, the runners' order rotated every round."""
@@ -80,7 +64,7 @@ def measure(runners: dict, spec: dict, rounds: int, workdir: Path, key: str) -> 
             tree, stack = runners[name]
             if stack == "reference" and spec.get("mode") == "qlora":
                 continue  # no CPU QLoRA in the reference stack (bitsandbytes)
-            result = run_in_tree(tree, dict(spec, stack=stack), workdir)
+            result = run_child(dict(spec, stack=stack), workdir, tree=tree)
             log(f"{spec.get('workload', 'generation'):13s} {spec.get('mode', ''):6s} {name:9s} round {r}: "
                 f"{result[key]:.3f} s")
             seen.setdefault(name, []).append(result)

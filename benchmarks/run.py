@@ -89,8 +89,11 @@ def parse_args(argv=None):
     return args
 
 
-def run_child(spec: dict, workdir: Path, in_process: bool) -> dict:
-    """Run one measurement in a fresh Python process (or here, for smoke tests) and return its result."""
+def run_child(spec: dict, workdir: Path, in_process: bool = False, tree: Path = None) -> dict:
+    """Run one measurement in a fresh Python process (or here, for smoke tests) and return its result.
+
+    tree: another gpt2lite checkout whose own benchmarks/child.py runs it, with that tree first on the
+    import path (compare_trees.py); default this one."""
     if in_process:
         import child
 
@@ -99,12 +102,16 @@ def run_child(spec: dict, workdir: Path, in_process: bool) -> dict:
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    done = subprocess.run([sys.executable, str(HERE / "child.py"), str(spec_path)], env=env,
-                          capture_output=True, text=True)
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    child_py = (tree / "benchmarks" if tree is not None else HERE) / "child.py"
+    done = subprocess.run([sys.executable, str(child_py), str(spec_path)], env=env, capture_output=True, text=True,
+                          cwd=None if tree is None else str(tree))
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark child failed for {spec}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    raise RuntimeError(f"benchmark child failed in {child_py} for {spec}:\n{done.stdout[-2000:]}\n"
+                       f"{done.stderr[-4000:]}")
 
 
 def write_same_weights(directory: Path, preset: str, dropout: bool):
