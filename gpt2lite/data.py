@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .tasks import DataError, load_table
+from .tasks.loading import lm_separator
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def load_splits(config: DataConfig, allow_fallback: bool = False):
     input_column, target_column = config.columns
     if config.train is not None:
         files = {s: getattr(config, s) for s in HUB_SPLITS if getattr(config, s)}
-        tables = {s: load_table(data_files=files, split=s) for s in files}
+        lm = config.task == "language_modeling"  # a text file's lines keep their line endings
+        tables = {s: load_table(data_files=files, split=s, keep_linebreaks=lm) for s in files}
         origin = {s: files[s] for s in files}
     elif config.dataset is not None or allow_fallback:
         return _hub_or_fallback(config, allow_fallback)
@@ -129,8 +131,9 @@ def load_splits(config: DataConfig, allow_fallback: bool = False):
     tables["train"] = train
     description = "; ".join(f"{s}: {len(tables[s])} rows from {origin[s]}" for s in HUB_SPLITS)
     logger.info("data: %s", description)
+    separators = {s: lm_separator(files.get(s, config.train)) for s in HUB_SPLITS}  # a cut split: the train file's
     return TextSplits(tables["train"], tables["validation"], tables["test"], input_column, target_column or "",
-                      f"local files ({description})")
+                      f"local files ({description})", separators=separators)
 
 
 def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
@@ -141,7 +144,10 @@ def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
         splits = summarization_splits(config.dataset, config.dataset_config, None, input_column, target_column,
                                       allow_fallback=allow_fallback, seed=config.seed, max_rows=config.hub_rows)
     elif config.task == "language_modeling":
-        splits = lm_texts(config.dataset, config.dataset_config, None, input_column, allow_fallback=allow_fallback)
+        texts = lm_texts(config.dataset, config.dataset_config, None, input_column, allow_fallback=allow_fallback)
+        rows = [[{texts.source_column: text} for text in getattr(texts, s)] for s in HUB_SPLITS]  # tables, as files give
+        splits = TextSplits(*rows, texts.source_column, texts.target_column, texts.description, texts.fallback,
+                            texts.separators)
     else:
         if config.dataset is None:
             raise DataError("classification has no offline fallback data: give --data.train or --data.dataset")
@@ -150,7 +156,7 @@ def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
     description = splits.description if splits.fallback else f"{splits.description} ({sizes} rows)"
     logger.info("data: %s", description)
     return TextSplits(splits.train, splits.validation, splits.test, splits.source_column, splits.target_column,
-                      description, splits.fallback)
+                      description, splits.fallback, splits.separators)
 
 
 def _hub_classification(config: DataConfig):

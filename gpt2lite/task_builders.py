@@ -118,7 +118,8 @@ def summarization_task(data: DataConfig, splits: TextSplits, tokenizer, max_leng
 
 def language_modeling_task(data: DataConfig, splits: TextSplits, tokenizer, max_length: int, generation) -> Task:
     """Blocks of max_length tokens for training and validation loss; on the test texts (the first
-    data.max_test_samples) a sliding-window perplexity (stride data.stride, default max_length // 2) and
+    data.max_test_samples rows, joined as splits.separator says: a text file's exact text, a table's rows
+    with "\n\n") a sliding-window perplexity (stride data.stride, default max_length // 2) and
     the generation scores of each text's last max_new_tokens tokens continued from the text before them."""
     from .metrics import generation_metrics
 
@@ -126,14 +127,14 @@ def language_modeling_task(data: DataConfig, splits: TextSplits, tokenizer, max_
     train_texts, validation_texts, test_texts = (
         column_values(_templated(table, column, data.template), column) for table in (splits.train, splits.validation,
                                                                                  splits.test))
-    train = build_lm_blocks(train_texts, tokenizer, max_length)
-    validation = build_lm_blocks(validation_texts, tokenizer, max_length)
+    train = build_lm_blocks(train_texts, tokenizer, max_length, splits.separator("train"))
+    validation = build_lm_blocks(validation_texts, tokenizer, max_length, splits.separator("validation"))
     if data.max_train_samples is not None:
         train.rows = subset(train.rows, 1.0, data.max_train_samples, data.seed)
     if data.max_validation_samples is not None:
         validation.rows = validation.rows[:data.max_validation_samples]
     test_texts = test_texts[:data.max_test_samples]
-    stream = tokenize_stream(test_texts, tokenizer)
+    stream = tokenize_stream(test_texts, tokenizer, splits.separator("test"))  # the file's text, or the rows + "\n\n"
     stride = data.stride or max(1, max_length // 2)
     if stride > max_length:
         raise DataError(f"data.stride={stride} exceeds the perplexity window of {max_length} tokens (data.max_length "

@@ -25,8 +25,9 @@ from .batching import Examples
 
 
 def tokenize_stream(texts: Sequence[str], tokenizer, separator: str = "") -> List[int]:
-    """All texts as one stream of token ids, joined by `separator` (WikiText rows keep their own newlines;
-    use "\\n\\n" to join rows without one, as the HF perplexity guide does)."""
+    """All texts as one stream of token ids, joined by `separator`: "" for the lines of a text file that
+    kept their line endings (the file's exact text), "\\n\\n" for the rows of a table such as WikiText on
+    the hub, as the HF perplexity guide joins them (see tasks.loading.lm_separator)."""
     texts = list(texts)
     for row, text in enumerate(texts):
         if not isinstance(text, str):

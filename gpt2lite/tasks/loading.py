@@ -29,9 +29,23 @@ CANONICAL_DATASETS = {"cnn_dailymail": "abisee/cnn_dailymail", "wikitext": "Sale
 
 DataFiles = Union[str, Sequence[str], Dict[str, Union[str, Sequence[str]]]]
 
+# How language modelling joins a split's rows into one text: a text file's rows are its lines with their line
+# endings kept (keep_linebreaks), so "" gives back the file's exact text; the rows of a table (JSON Lines,
+# CSV, a hub dataset such as WikiText) are joined with a blank line, as Hugging Face's perplexity guide does
+# ("\n\n".join(test["text"])).
+LINES_SEPARATOR, ROWS_SEPARATOR = "", "\n\n"
+
+
+def lm_separator(path: Optional[str]) -> str:
+    """The separator that joins the rows of `path` (None: a hub dataset) into one language-modelling text."""
+    if path is not None and FILE_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower()) == "text":
+        return LINES_SEPARATOR
+    return ROWS_SEPARATOR
+
 
 def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
-               data_files: Optional[DataFiles] = None, split: str = "train", max_rows: Optional[int] = None):
+               data_files: Optional[DataFiles] = None, split: str = "train", max_rows: Optional[int] = None,
+               keep_linebreaks: bool = False):
     """One split of a dataset as a `datasets.Dataset`.
 
     dataset: a Hugging Face Hub name ("abisee/cnn_dailymail") with config_name ("3.0.0"); the old names of
@@ -49,7 +63,7 @@ def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise DataError(f"max_rows must be a positive integer or None, got {max_rows!r}")
     if data_files is not None:
-        table = _load_local(data_files, split)
+        table = _load_local(data_files, split, keep_linebreaks)
         return table.select(range(max_rows)) if max_rows is not None and max_rows < len(table) else table
     if not hub_reachable():
         raise DataError(f"cannot load {dataset!r} from the Hugging Face Hub: it is unreachable (offline, or "
@@ -93,7 +107,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _load_local(data_files: DataFiles, split: str):
+def _load_local(data_files: DataFiles, split: str, keep_linebreaks: bool = False):
     import datasets
 
     if isinstance(data_files, dict):
@@ -121,6 +135,8 @@ def _load_local(data_files: DataFiles, split: str):
     if len(formats) > 1:
         raise DataError(f"the files of one split must share a format, got {sorted(formats)} from {paths}")
     builder = formats.pop()
+    if builder == "text" and keep_linebreaks:
+        return require_rows(datasets.Dataset.from_dict({"text": text_lines(paths)}), ", ".join(paths))
     if builder == "json":
         for path in paths:
             check_json_file(path)
@@ -132,6 +148,15 @@ def _load_local(data_files: DataFiles, split: str):
             raise DataError(f"the dataset {', '.join(paths)} has no rows") from None
         raise DataError(f"could not read {paths} as {builder}: {type(error).__name__}: {error}") from None
     return require_rows(table, ", ".join(paths))
+
+
+def text_lines(paths: Sequence[str]) -> List[str]:
+    """The lines of text files, each with its line ending as it is in the file (no newline translation)."""
+    lines = []
+    for path in paths:
+        with open(path, encoding="utf-8", newline="") as f:
+            lines.extend(f)
+    return lines
 
 
 def check_utf8(path: str, block_size: int = 2**22):
