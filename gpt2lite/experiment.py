@@ -25,6 +25,7 @@ import torch
 
 from .base_model import BaseModel, load_base_model
 from .memory import peak_memory_mb, reset_peak_memory
+from .seed import seed_everything
 from .task_builders import (Task, build_task, classification_task, generate_texts, infer_num_labels,
                             language_modeling_task, summarization_task, virtual_tokens)
 from .tasks import LengthGroupedSampler
@@ -49,12 +50,16 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
                sampler_seed: int = 0, evaluate: bool = True) -> MethodResult:
     """Train a deep copy of the base model with `method` (None: no fine-tuning, evaluation only) in
     train_config.output_dir, then score it on the test split (evaluate=False: the row has no quality).
+    The process is seeded with train_config.seed first, so the method's new weights (LoRA's A, a soft
+    prompt) are the same in every process and for every position in a comparison.
     On the CPU the row's peak memory is this method's own (the process's peak is reset first)."""
     from .peft import MethodConfig, apply, train_only
     from .report import method_row
     from .tasks.batching import collate
     from .train import evaluate_loss, train
 
+    method = None if method is None else MethodConfig.from_value(method)  # a bad option fails before any work
+    seed_everything(train_config.seed)
     model = copy.deepcopy(base.model)
     cpu = torch.device("cpu")
     per_method_peak = not torch.cuda.is_available() and reset_peak_memory(cpu)
@@ -66,7 +71,7 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
                    "trainable_params": 0, "wall_time_s": 0.0,
                    "peak_memory_mb": peak_memory_mb(cpu) if per_method_peak else None}
     else:
-        apply(model, MethodConfig.from_value(method))
+        apply(model, method)
         sampler = LengthGroupedSampler(task.train.lengths(), train_config.batch_size * train_config.grad_accum,
                                        seed=sampler_seed)
         summary = train(model, task.train, train_config, eval_dataset=task.validation, sampler=sampler)

@@ -16,6 +16,7 @@ from ..generate import GenerationConfig
 from ..peft import MethodConfig
 from ..pretrain import PretrainConfig
 from ..search import SearchConfig
+from ..seed import seed_everything
 from ..train import TrainConfig
 from .pipeline import Run
 
@@ -91,6 +92,7 @@ def _train_and_report(runs, model, data, train, generation, search, fallback, ne
     from .pipeline import prepare, run_one
 
     started = time.perf_counter()
+    seed_everything(train.seed)  # before the base model is built: a classifier's new score head is random
     setup = prepare(model, data, generation, [run.method for run in runs], fallback, seed=train.seed)
     print("\n".join(setup.notes), flush=True)
     rows = []
@@ -134,6 +136,8 @@ def evaluate(model: Optional[str] = None, adapter: Optional[str] = None, data: D
         output_dir: where report.{md,csv,json} and predictions.jsonl go.
         batch_size: examples per batch for the validation loss.
         device: cpu, cuda, cuda:1 (default: cuda when available).
+
+    The process is seeded with data.seed, so sampled generations (temperature > 0) repeat.
     """
     from ..task_builders import build_task, infer_num_labels
     from ..report import method_row, write_report
@@ -142,6 +146,7 @@ def evaluate(model: Optional[str] = None, adapter: Optional[str] = None, data: D
     from ..train import evaluate_loss
     from .pipeline import load_for_inference, write_jsonl
 
+    seed_everything(data.seed)  # generation with temperature > 0 samples
     splits = load_splits(data)
     num_labels = (data.num_labels or infer_num_labels(splits)) if data.task == "classification" else None
     loaded, description = load_for_inference(model, adapter, device, num_labels)
