@@ -65,6 +65,20 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be None or >= 1, got {value}")
         if self.train is None and (self.validation or self.test):
             raise ValueError("data.validation / data.test files need a data.train file too")
+        if self.stride is not None and self.max_length is not None and self.stride > self.max_length:
+            raise ValueError(f"data.stride={self.stride} exceeds the perplexity window of data.max_length="
+                             f"{self.max_length} tokens; use a stride <= the window")
+        if self.template is not None:
+            self._check_template()
+
+    def _check_template(self):
+        """The template's placeholders, checked before any data is read (the tasks check them again)."""
+        if self.task == "summarization":
+            from .tasks.summarization import PromptTemplate
+
+            PromptTemplate.parse(self.template)
+        elif self.template.count("{text}") != 1:
+            raise ValueError(f"data.template must hold '{{text}}' once for {self.task}, got {self.template!r}")
 
     @property
     def hub_rows(self) -> dict:

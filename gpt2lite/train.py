@@ -21,7 +21,9 @@ Records (each line of log.jsonl, and the dict handed to `on_log` and to config.r
 W&B or MLflow loggers, see gpt2lite.loggers):
     {"type": "train", "step", "epoch", "loss" (token mean since the last record), "lr", "grad_norm",
      "tokens_per_s", "elapsed_s", "memory_mb"}   every log_every steps, at the end of each epoch and run
-    {"type": "eval", "step", "epoch", "val_loss", "best_val_loss"}   after each evaluation
+    {"type": "eval", "step", "epoch", "val_loss", "best_val_loss"}   after each evaluation, and at the end of a
+                                    run that stopped before its first one (unless eval_every is None and
+                                    eval_each_epoch False: evaluation off)
 
 Summary (train()'s return value and summary.json): steps, epochs_completed, stopped_by, best_train_loss
 (lowest logged loss), final_train_loss (the last finite step loss) and final_train_loss_step (its step:
@@ -107,6 +109,8 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
             if epoch_done:
                 state.next_epoch()
             stopped_by = run.stop_reason(last_step)
+            if stopped_by is not None and run.evaluates_at_end():
+                run.evaluate()  # the run ends before its first evaluation (max_steps, time budget): one now
             if stopped_by is not None or (config.save_every and state.step % config.save_every == 0):
                 run.save()
     run.close()

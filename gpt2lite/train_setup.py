@@ -112,6 +112,13 @@ class Run:
         self.log({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "val_loss": val_loss,
                   "best_val_loss": self.state.best_val_loss})
 
+    def evaluates_at_end(self) -> bool:
+        """Whether a run that stops now must evaluate once more: it has an eval_dataset and evaluation on
+        (eval_every or eval_each_epoch) but has not evaluated yet, so that best_val_loss is never missing."""
+        config = self.config
+        return (self.eval_dataset is not None and bool(config.eval_every or config.eval_each_epoch)
+                and not self.state.history["val"])
+
     def stop_reason(self, last_step: bool) -> Optional[str]:
         """Why the run ends after this step, if it does; every process takes the same decision."""
         config, state = self.config, self.state

@@ -21,8 +21,8 @@ import torch.nn as nn
 from ..architectures import default_targets
 from ..dtypes import DTYPES
 from .adapter import is_classifier
-from .freeze import add_bitfit, freeze_layers, frozen_baseline, full_finetuning
-from .lora import add_lora
+from .freeze import LM_HEAD_CHOICES, add_bitfit, freeze_layers, frozen_baseline, full_finetuning
+from .lora import BIAS_MODES, add_lora
 
 METHODS = ("full", "frozen", "lora", "qlora", "prompt", "prefix", "last_n", "bitfit", "ia3")
 
@@ -69,6 +69,7 @@ class MethodConfig:
         changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                    if f.name != "name" and getattr(self, f.name) != f.default}
         refuse_other_options(self.name, changed)
+        check_values(self)
 
     @classmethod
     def from_value(cls, value: Union["MethodConfig", dict, str]) -> "MethodConfig":
@@ -86,6 +87,43 @@ class MethodConfig:
                 refuse_other_options(value["name"], {k: v for k, v in value.items() if k != "name"})
             return cls(**value)
         raise TypeError(f"method_config must be a MethodConfig, a dict or a method name, got {type(value).__name__}")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_values(config: MethodConfig):
+    """Raise a ValueError for the first option with a value no model could take (rank 0, dropout 1.5, ...),
+    so that a bad setting fails when the config is built, before any data or model work. What depends on
+    the model (targets that match no module, layers or tokens beyond its size) is checked by apply()."""
+    problems = [
+        (not _integer(config.rank) or config.rank < 1, f"rank must be a positive integer, got {config.rank!r}"),
+        (isinstance(config.alpha, bool) or not isinstance(config.alpha, (int, float)) or not config.alpha > 0,
+         f"alpha must be a positive number, got {config.alpha!r}"),
+        (isinstance(config.dropout, bool) or not isinstance(config.dropout, (int, float))
+         or not 0 <= config.dropout < 1, f"dropout must be in [0, 1), got {config.dropout!r}"),
+        (config.bias not in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {config.bias!r}"),
+        (config.targets is not None and (not config.targets or not all(isinstance(t, str) and t for t in
+                                                                        config.targets)),
+         f"targets must be None (the architecture's) or module names such as ['c_attn'], got {config.targets!r}"),
+        (config.layers_to_transform is not None and (not config.layers_to_transform or not all(
+            _integer(i) and i >= 0 for i in config.layers_to_transform)),
+         f"layers_to_transform must be None or block indices >= 0, got {config.layers_to_transform!r}"),
+        (config.modules_to_save is not None and not all(isinstance(m, str) and m for m in config.modules_to_save),
+         f"modules_to_save must be None or module names such as ['score'], got {config.modules_to_save!r}"),
+        (not _integer(config.n_tokens) or config.n_tokens < 1,
+         f"n_tokens must be a positive integer, got {config.n_tokens!r}"),
+        (config.init_text is not None and not (isinstance(config.init_text, str) and config.init_text.strip()),
+         f"init_text must be None or a few words describing the task, got {config.init_text!r}"),
+        (not _integer(config.n_layers) or config.n_layers < 0,
+         f"n_layers must be an integer >= 0, got {config.n_layers!r}"),
+        (config.head is not None and config.head not in LM_HEAD_CHOICES + ("score",),
+         f"head must be None or one of {LM_HEAD_CHOICES + ('score',)}, got {config.head!r}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(f"method {config.name!r}: {message}")
 
 
 def refuse_other_options(method: str, options: Mapping[str, Any]):
