@@ -55,12 +55,13 @@ def load_base_model(name_or_path: str = "gpt2", num_labels: Optional[int] = None
     the description says plainly that it is not GPT-2.
     num_labels: build a GPT2ForSequenceClassification (a new, random score head on the pretrained body).
     load_options: from_pretrained's, for the pretrained weights (MethodConfig.load_options(): QLoRA's
-    quantize-on-load); a fallback model is built in float."""
-    from .hf import CheckpointError
+    quantize-on-load); a fallback model is built in float. A path that is not a directory (./x, /x, a/b/c,
+    one under an existing directory) is a CheckpointError ("no directory ..."), never a fallback."""
+    from .hf import CheckpointError, looks_like_path
 
     cls = GPT2ForSequenceClassification if num_labels else GPT2
     kwargs = {"num_labels": num_labels} if num_labels else {}
-    local = os.path.isdir(name_or_path)
+    local = os.path.isdir(name_or_path) or looks_like_path(name_or_path)
     if local or hub_reachable():
         try:
             model = cls.from_pretrained(name_or_path, **kwargs, **(load_options or {}))
