@@ -3,6 +3,7 @@
     base = load_base_model("gpt2")   # from a local directory or the hub
     base.kind                        # "pretrained", "offline-pretrained" or "random"
     base.description                 # where the weights came from; a fallback names itself NOT GPT-2
+    model = copy_for_run(base, MethodConfig(name="qlora"))  # a run's own copy (QLoRA's: read again in 4 bits)
 
 Offline, with fallback_pretrain, the fallback is a small model pretrained here on the standard library's
 docstrings (gpt2lite.pretrain); without it, a randomly initialised model. Either way a warning is logged.
@@ -10,6 +11,7 @@ docstrings (gpt2lite.pretrain); without it, a randomly initialised model. Either
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ class BaseModel:
     model: torch.nn.Module
     description: str
     kind: str = "pretrained"
+    source: Optional[str] = None  # the directory or hub id the weights were read from (None: random init)
 
     @property
     def random_init(self) -> bool:
@@ -44,21 +47,25 @@ class BaseModel:
 
 def load_base_model(name_or_path: str = "gpt2", num_labels: Optional[int] = None, fallback_preset: str = "tiny",
                     allow_random_init: bool = True, seed: int = 0,
-                    fallback_pretrain: Optional["PretrainConfig"] = None) -> BaseModel:
+                    fallback_pretrain: Optional["PretrainConfig"] = None,
+                    load_options: Optional[dict] = None) -> BaseModel:
     """Pretrained weights from a local directory or the hub. Where they cannot be had (offline): with
     fallback_pretrain, a small model pretrained offline per those settings (gpt2lite.pretrain; cached, so
     only the first run pays for it); otherwise a randomly initialised `fallback_preset` model. Either way
     the description says plainly that it is not GPT-2.
-    num_labels: build a GPT2ForSequenceClassification (a new, random score head on the pretrained body)."""
-    from .hf import CheckpointError
+    num_labels: build a GPT2ForSequenceClassification (a new, random score head on the pretrained body).
+    load_options: from_pretrained's, for the pretrained weights (MethodConfig.load_options(): QLoRA's
+    quantize-on-load); a fallback model is built in float. A path that is not a directory (./x, /x, a/b/c,
+    one under an existing directory) is a CheckpointError ("no directory ..."), never a fallback."""
+    from .hf import CheckpointError, looks_like_path
 
     cls = GPT2ForSequenceClassification if num_labels else GPT2
     kwargs = {"num_labels": num_labels} if num_labels else {}
-    local = os.path.isdir(name_or_path)
+    local = os.path.isdir(name_or_path) or looks_like_path(name_or_path)
     if local or hub_reachable():
         try:
-            model = cls.from_pretrained(name_or_path, **kwargs)
-            return BaseModel(model, f"pretrained weights: {name_or_path}", kind="pretrained")
+            model = cls.from_pretrained(name_or_path, **kwargs, **(load_options or {}))
+            return BaseModel(model, f"pretrained weights: {name_or_path}", kind="pretrained", source=name_or_path)
         except CheckpointError as error:
             if local or not allow_random_init:
                 raise
@@ -100,4 +107,29 @@ def _offline_pretrained(cls, kwargs: dict, settings, name_or_path: str, reason: 
         "summarization task's validation and test docstrings were left out of that corpus. Quality figures show "
         "that the methods work; they are not GPT-2 results.")
     logger.warning(description)
-    return BaseModel(model, description, kind="offline-pretrained")
+    return BaseModel(model, description, kind="offline-pretrained", source=metadata["directory"])
+
+
+def copy_for_run(base: BaseModel, method=None) -> torch.nn.Module:
+    """A run's own copy of the base model, to adapt and train (the base stays as it was for the next run).
+
+    method: a MethodConfig (or None). A method with load options (QLoRA: quantize-on-load) over a float base
+    read from a checkpoint gets its copy read again from base.source with those options, so that the run
+    never holds a float copy; the base's other tensors (a classifier's new score head) are copied into it,
+    so that it equals a copy of the base quantized afterwards. Otherwise: a deep copy."""
+    options = method.load_options() if method is not None else {}
+    if not options or base.source is None or _is_quantized(base.model):
+        return copy.deepcopy(base.model)
+    cls = type(base.model)
+    kwargs = {"num_labels": base.model.config.num_labels} if cls is GPT2ForSequenceClassification else {}
+    model = cls.from_pretrained(base.source, **kwargs, **options)
+    own = model.state_dict()
+    shared = {k: v for k, v in base.model.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(shared, strict=False)
+    return model.train(base.model.training)
+
+
+def _is_quantized(model: torch.nn.Module) -> bool:
+    from .peft.qlora import NF4Linear
+
+    return any(isinstance(module, NF4Linear) for module in model.modules())

@@ -17,13 +17,12 @@ summarization_splits, build_task, ...`).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import List, Union
 
 import torch
 
-from .base_model import BaseModel, load_base_model
+from .base_model import BaseModel, copy_for_run, load_base_model
 from .memory import peak_memory_mb, reset_peak_memory
 from .seed import seed_everything
 from .task_builders import (Task, build_task, classification_task, generate_texts, infer_num_labels,
@@ -47,11 +46,14 @@ class MethodResult:
 
 
 def run_method(label: str, method: Union["MethodConfig", dict, str, None], base: BaseModel, task: Task, train_config,
-               sampler_seed: int = 0, evaluate: bool = True) -> MethodResult:
-    """Train a deep copy of the base model with `method` (None: no fine-tuning, evaluation only) in
+               sampler_seed: int = 0, evaluate: bool = True, copy_base: bool = True) -> MethodResult:
+    """Train a copy of the base model with `method` (None: no fine-tuning, evaluation only) in
     train_config.output_dir, then score it on the test split (evaluate=False: the row has no quality).
     The process is seeded with train_config.seed first, so the method's new weights (LoRA's A, a soft
     prompt) are the same in every process and for every position in a comparison.
+    QLoRA's copy is read from the base's checkpoint with its linears quantized as they load (copy_for_run).
+    copy_base=False: adapt and train base.model itself, for the base's last use (one run of a command),
+    which saves the copy's memory; the base is changed afterwards.
     On the CPU the row's peak memory is this method's own (the process's peak is reset first)."""
     from .peft import MethodConfig, apply, train_only
     from .report import method_row
@@ -59,10 +61,10 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
     from .train import evaluate_loss, train
 
     method = None if method is None else MethodConfig.from_value(method)  # a bad option fails before any work
-    seed_everything(train_config.seed)
-    model = copy.deepcopy(base.model)
     cpu = torch.device("cpu")
     per_method_peak = not torch.cuda.is_available() and reset_peak_memory(cpu)
+    seed_everything(train_config.seed)
+    model = copy_for_run(base, method) if copy_base else base.model
     eval_batch_size = train_config.eval_batch_size or train_config.batch_size
     if method is None:
         train_only(model, [])  # nothing trains (apply("frozen") would leave a classifier's score head trainable)

@@ -45,8 +45,7 @@ def resolve(name_or_path: str, allow_patterns=MODEL_PATTERNS, local_hint: str = 
         return name_or_path
     if os.path.exists(name_or_path):
         raise CheckpointError(f"{name_or_path!r} is a file; pass the directory that holds config.json and the weights")
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_like_path:
+    if looks_like_path(name_or_path):
         raise CheckpointError(f"no {what} {name_or_path!r}")
     try:
         from huggingface_hub import snapshot_download
@@ -62,6 +61,16 @@ def resolve(name_or_path: str, allow_patterns=MODEL_PATTERNS, local_hint: str = 
             f"{f' ({switch} is set)' if switch else ''}: {type(error).__name__}: {error}\n"
             f"To load weights without the network, pass a local directory instead: {local_hint}."
         ) from None
+
+
+def looks_like_path(name_or_path: str) -> bool:
+    """Whether a name is meant as a local path rather than a hub id ("user/model"): it starts with ".", "/"
+    or "~", has more than one "/", exists (a file), or lies in an existing directory ("runs/mine" when
+    runs/ exists)."""
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.path.exists(name_or_path):
+        return True
+    parent = os.path.dirname(name_or_path)
+    return bool(parent) and os.path.isdir(parent)
 
 
 def offline_switch(switches: Sequence[str] = OFFLINE_SWITCHES) -> Optional[str]:

@@ -191,3 +191,15 @@ def test_token_ids_outside_the_vocabulary():
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 2\), expected \(1, 3\)"):
         model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "no/such/model", "tests/no_such_model"])
+def test_a_path_like_model_name_that_is_not_a_directory_says_so(name, monkeypatch):
+    """load_base_model (the CLI's --model) says "no directory" for a path, even with a fallback allowed,
+    instead of "the Hugging Face Hub is unreachable"."""
+    from gpt2lite.base_model import load_base_model
+
+    monkeypatch.chdir(__import__("conftest").REPO_ROOT)  # tests/ exists: "tests/no_such_model" is a path
+    for allow_random_init in (False, True):
+        with pytest.raises(CheckpointError, match=f"no directory {name!r}"):
+            load_base_model(name, allow_random_init=allow_random_init)

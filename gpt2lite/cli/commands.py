@@ -96,10 +96,11 @@ def _train_and_report(runs, model, data, train, generation, search, fallback, ne
     setup = prepare(model, data, generation, [run.method for run in runs], fallback, seed=train.seed)
     print("\n".join(setup.notes), flush=True)
     rows = []
-    for run in runs:
+    for index, run in enumerate(runs):
         output_dir = os.path.join(train.output_dir, run.name) if nested else train.output_dir
         print(f"\n=== {run.name}: {_describe(run.method)}", flush=True)
-        rows += run_one(run, setup, train, output_dir, search, reference_dir=train.output_dir)
+        rows += run_one(run, setup, train, output_dir, search, reference_dir=train.output_dir,
+                        last_use=index == len(runs) - 1)
         print(f"    {_summary_line(rows[-1])}; outputs in {output_dir}", flush=True)
     paths = write_report(rows, train.output_dir, setup.task.kind, title=title, random_init=setup.base.random_init,
                          notes=setup.notes)

@@ -73,7 +73,8 @@ def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods:
         num_labels = data.num_labels or infer_num_labels(splits)
         data = dataclasses.replace(data, num_labels=num_labels)
     base = load_base_model(model, num_labels=num_labels, allow_random_init=fallback is not None, seed=seed,
-                           fallback_pretrain=None if fallback in (None, "random") else fallback)
+                           fallback_pretrain=None if fallback in (None, "random") else fallback,
+                           load_options=shared_load_options(methods))
     reference = None
     if not base.random_init and base.description == f"pretrained weights: {model}":
         reference = os.path.abspath(model) if os.path.isdir(model) else model
@@ -82,6 +83,13 @@ def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods:
     notes = [f"model: {base.description}", f"data: {splits.description}",
              f"examples: {len(task.train)} train, {len(task.validation)} validation, {task.test_size} test"]
     return Setup(base, reference, task, data, notes)
+
+
+def shared_load_options(methods: Sequence) -> dict:
+    """The base's from_pretrained options when every run asks for the same (all QLoRA: the base is read in
+    4 bits, never in float); else {} (a float base, and each QLoRA run reads its own 4-bit copy)."""
+    options = [method.load_options() if method is not None else {} for method in methods]
+    return options[0] if options and all(o == options[0] for o in options) else {}
 
 
 def base_reference(setup: Setup, output_dir: str) -> str:
@@ -102,16 +110,19 @@ def train_config_for(run: Run, train: TrainConfig, output_dir: str) -> TrainConf
 
 
 def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search: SearchConfig,
-            reference_dir: str) -> List[dict]:
+            reference_dir: str, last_use: bool = False) -> List[dict]:
     """Train (or search, then train) one method in output_dir, save what it produced, return its report
-    rows (two with merged_row)."""
+    rows (two with merged_row). last_use: no later run needs the base, so this one trains the base itself
+    rather than a copy of it (a QLoRA finetune then holds one 4-bit model, not two)."""
     config = train_config_for(run, train, output_dir)
+    adapter = run.method is not None and run.method.name in ADAPTER_METHODS
+    reference = base_reference(setup, reference_dir) if adapter else None  # written before the base trains
     if search.trials and run.method is not None:
         result = search_method(run, setup, config, search)
     else:
-        result = run_method(run.name, run.method, setup.base, setup.task, config, sampler_seed=train.seed)
-    save_outputs(result.model, run.method, result.predictions, output_dir,
-                 base_reference(setup, reference_dir) if run.method and run.method.name in ADAPTER_METHODS else None)
+        result = run_method(run.name, run.method, setup.base, setup.task, config, sampler_seed=train.seed,
+                            copy_base=not last_use)
+    save_outputs(result.model, run.method, result.predictions, output_dir, reference)
     rows = [result.row]
     if run.merged_row:
         rows.append(merged_row(run, result, setup))

@@ -7,6 +7,10 @@ Afterwards exactly the method's parameters are trainable. For a GPT2ForSequenceC
 modules_to_save (saved with the adapter, the frozen original kept beside the copy, as in peft, so counts
 equal peft's); "frozen" becomes a linear probe; last_n and bitfit train it in place.
 
+QLoRA quantizes the model's block linears, or takes them as they are when the model was quantized as it
+loaded (`GPT2.from_pretrained(path, **MethodConfig(name="qlora").load_options())`, which never holds the
+float model).
+
 An option of another method is refused (`rank` with "prompt"): it would be silently ignored otherwise.
 """
 
@@ -70,6 +74,13 @@ class MethodConfig:
                    if f.name != "name" and getattr(self, f.name) != f.default}
         refuse_other_options(self.name, changed)
         check_values(self)
+
+    def load_options(self) -> dict:
+        """from_pretrained's options for this method's base model: QLoRA's quantize-on-load (quantize="nf4",
+        compute_dtype, double_quant), so that the float model is never held; {} for every other method."""
+        if self.name != "qlora":
+            return {}
+        return {"quantize": "nf4", "compute_dtype": self.compute_dtype, "double_quant": self.double_quant}
 
     @classmethod
     def from_value(cls, value: Union["MethodConfig", dict, str]) -> "MethodConfig":
@@ -151,9 +162,9 @@ def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn
         return add_bitfit(model)
     if name in ("lora", "qlora"):
         if name == "qlora":
-            from .qlora import quantize_nf4
+            from .qlora import quantize_unless_quantized
 
-            quantize_nf4(model, compute_dtype=DTYPES[config.compute_dtype], double_quant=config.double_quant)
+            quantize_unless_quantized(model, DTYPES[config.compute_dtype], config.double_quant)
         saved = list(config.modules_to_save or ())
         if is_classifier(model) and "score" not in saved:
             saved.append("score")

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..architectures import stores_transposed
 from ..errors import CheckpointError
-from .adapter import classifier_head_parameters, is_classifier
+from .adapter import classifier_head_parameters
 from .ia3 import add_ia3_layers, ia3_layers
 from .inject import select_modules
 from .lora import DoRALinear, LoRALinear, add_lora, lora_biases, lora_layers
@@ -74,6 +74,8 @@ def peft_tensors(model: nn.Module, method: PeftFormat) -> Dict[str, torch.Tensor
 
 
 def task_type(model: nn.Module) -> str:
+    """peft's task_type: SEQ_CLS for a classifier, CAUSAL_LM for a language model. peft's Auto classes
+    (AutoPeftModelForSequenceClassification, AutoPeftModelForCausalLM) choose the model class by it."""
     return "SEQ_CLS" if classifier_head_parameters(model) else "CAUSAL_LM"
 
 
@@ -102,7 +104,7 @@ class LoRAFormat(PeftFormat):
         settings = model.lora_settings
         layers = settings["layers_to_transform"]
         return {
-            "peft_type": "LORA", "task_type": None if is_classifier(model) else "CAUSAL_LM",
+            "peft_type": "LORA", "task_type": task_type(model),
             "base_model_name_or_path": None, "r": settings["rank"], "lora_alpha": settings["alpha"],
             "target_modules": list(settings["targets"]), "lora_dropout": settings["dropout"],
             "bias": settings["bias"], "use_rslora": settings["rslora"], "use_dora": settings["dora"],

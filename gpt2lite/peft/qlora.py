@@ -146,6 +146,21 @@ def quantize_nf4(model: nn.Module, targets: Optional[Sequence[str]] = None, comp
     return names
 
 
+def quantize_unless_quantized(model: nn.Module, compute_dtype=torch.float32, double_quant: bool = True) -> list[str]:
+    """QLoRA's base: quantize_nf4(model), or, for a model whose linears are 4-bit already (quantized as it
+    loaded: from_pretrained(quantize="nf4")), nothing, once their settings are checked to be the asked ones.
+    Returns the names of the 4-bit layers."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    if not layers:
+        return quantize_nf4(model, compute_dtype=compute_dtype, double_quant=double_quant)
+    found = sorted({(str(m.compute_dtype), m.double_quant) for m in layers.values()})
+    if found != [(str(compute_dtype), double_quant)]:
+        raise ValueError(f"the model is quantized already with (compute_dtype, double_quant) {found}, but QLoRA "
+                         f"asks for ({compute_dtype}, {double_quant}); load it with the method's settings "
+                         "(from_pretrained(..., **method_config.load_options())) or in float")
+    return list(layers)
+
+
 # --- LoRA over a 4-bit base ------------------------------------------------------------------------------
 
 
