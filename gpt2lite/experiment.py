@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -46,9 +46,11 @@ class MethodResult:
 
 
 def run_method(label: str, method: Union["MethodConfig", dict, str, None], base: BaseModel, task: Task, train_config,
-               sampler_seed: int = 0, evaluate: bool = True) -> MethodResult:
+               sampler_seed: int = 0, evaluate: bool = True,
+               on_log: Optional[Callable[[dict], None]] = None) -> MethodResult:
     """Train a deep copy of the base model with `method` (None: no fine-tuning, evaluation only) in
     train_config.output_dir, then score it on the test split (evaluate=False: the row has no quality).
+    on_log: train()'s, called with each record of log.jsonl.
     On the CPU the row's peak memory is this method's own (the process's peak is reset first)."""
     from .peft import MethodConfig, apply, train_only
     from .report import method_row
@@ -69,7 +71,8 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
         apply(model, MethodConfig.from_value(method))
         sampler = LengthGroupedSampler(task.train.lengths(), train_config.batch_size * train_config.grad_accum,
                                        seed=sampler_seed)
-        summary = train(model, task.train, train_config, eval_dataset=task.validation, sampler=sampler)
+        summary = train(model, task.train, train_config, eval_dataset=task.validation, sampler=sampler,
+                        on_log=on_log)
         if summary.get("best_val_loss") is None:  # stopped before any evaluation: the final model's loss
             summary["best_val_loss"] = evaluate_loss(model, task.validation, collate, eval_batch_size)
         if per_method_peak:
