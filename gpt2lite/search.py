@@ -252,7 +252,7 @@ def to_markdown(result: dict) -> str:
     """search.md: one row per trial (state, value, duration, params, worker, what became of it)."""
     lines = [f"# Search {result['study_name']}: {result['n_trials']} trials", "",
              f"Storage: `{result['storage']}`; best trial: {result['best_trial']} (val loss {result['best_value']})",
-             "", "| Trial | State | Val loss | Duration (s) | Params | Worker | Note |", "|---|---|---|---|---|---|---|"]
+             "", "| Trial | State | Val loss | Duration (s) | Params | Worker | Note |", "|---" * 7 + "|"]
     reruns = {t["retry_of"]: t["number"] for t in result["trials"] if t["retry_of"] is not None}
     for t in result["trials"]:
         value = "" if t["value"] is None else f"{t['value']:.4f}"

@@ -180,3 +180,20 @@ def test_search_config_refuses_an_unknown_pruner_and_a_heartbeat_below_one_secon
         SearchConfig(trials=2, pruner="hyperband")
     with pytest.raises(ValueError, match="search.heartbeat_s must be >= 1"):
         SearchConfig(trials=2, heartbeat_s=0)
+
+
+def test_slots_skip_interrupted_trials_that_were_rerun_and_surplus_trials():
+    """The total a search counts: an interrupted trial's rerun holds its slot, a surplus trial holds none."""
+    from types import SimpleNamespace
+
+    from gpt2lite.search_study import slot_holders, slot_of
+
+    def trial(number, retry_history=(), surplus=False):
+        system_attrs = {"retry_history": list(retry_history), "failed_trial": retry_history[0]} if retry_history else {}
+        return SimpleNamespace(number=number, system_attrs=system_attrs,
+                               user_attrs={"surplus": True} if surplus else {})
+
+    # of 4 slots: 2 interrupted, rerun as 4; 5 lost the race for the last slot; 4 interrupted too, rerun as 6
+    trials = [trial(0), trial(1), trial(2), trial(3), trial(4, [2]), trial(5, surplus=True), trial(6, [2, 4])]
+    assert [t.number for t in slot_holders(trials)] == [0, 1, 3, 6]
+    assert [slot_of(trials, n) for n in (0, 1, 3, 7)] == [0, 1, 2, 4]
