@@ -14,6 +14,7 @@ trial of a search draws the same parameters whether or not an interruption came 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -68,12 +69,13 @@ def open_storage(optuna, url: str, heartbeat_s: int, on_stale):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():
+            with creation_lock(url), warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat
                 return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as error:
-            # workers opening a new database together: one finds the tables another is creating
-            if "already exists" in str(error) and attempt < 4:
+            # workers creating a new database together: one finds the tables (or the schema version) that
+            # another is writing; the second attempt finds them made
+            if attempt < 4 and ("already exists" in str(error) or type(error).__name__ == "IntegrityError"):
                 time.sleep(1 + attempt)
                 continue
             raise ValueError(
@@ -81,6 +83,26 @@ def open_storage(optuna, url: str, heartbeat_s: int, on_stale):
                 "--search.storage takes a SQLAlchemy database URL: sqlite:///path/to/search.db (a file in an "
                 "existing directory; the default is sqlite:///<output dir>/search.db), or for several machines "
                 "postgresql://user:password@host:5432/database (pip install 'gpt2lite[search-postgres]')") from None
+
+
+@contextlib.contextmanager
+def creation_lock(url: str):
+    """For a SQLite file: hold an exclusive lock on <file>.lock beside it (POSIX), so that workers started
+    together create its tables one at a time. Other URLs, and systems without fcntl: nothing."""
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if not path or path == ":memory:" or fcntl is None or not os.path.isdir(os.path.dirname(path) or "."):
+        yield
+        return
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def retry_callback(optuna, on_interrupted: Callable[[int], None]):
