@@ -31,6 +31,8 @@ setup(
         "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2", "nbclient>=0.10",
                  "nbformat>=5.9", "ipykernel>=6.29", "tensorboard>=2.16"],
         "search": ["optuna>=3"],
+        # a PostgreSQL storage shared by search workers on several machines (--search.storage postgresql://...)
+        "search-postgres": ["optuna>=3", "psycopg2-binary>=2.9"],
         "plot": ["matplotlib>=3.7"],
         # notebooks/: a Jupyter kernel, and ipywidgets for the progress-bar widget (text bar without it)
         "notebook": ["nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29", "ipywidgets>=8", "matplotlib>=3.7"],

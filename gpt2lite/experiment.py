@@ -18,7 +18,7 @@ summarization_splits, build_task, ...`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -46,7 +46,8 @@ class MethodResult:
 
 
 def run_method(label: str, method: Union["MethodConfig", dict, str, None], base: BaseModel, task: Task, train_config,
-               sampler_seed: int = 0, evaluate: bool = True, copy_base: bool = True) -> MethodResult:
+               sampler_seed: int = 0, evaluate: bool = True, copy_base: bool = True,
+               on_log: Optional[Callable[[dict], None]] = None) -> MethodResult:
     """Train a copy of the base model with `method` (None: no fine-tuning, evaluation only) in
     train_config.output_dir, then score it on the test split (evaluate=False: the row has no quality).
     The process is seeded with train_config.seed first, so the method's new weights (LoRA's A, a soft
@@ -54,6 +55,7 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
     QLoRA's copy is read from the base's checkpoint with its linears quantized as they load (copy_for_run).
     copy_base=False: adapt and train base.model itself, for the base's last use (one run of a command),
     which saves the copy's memory; the base is changed afterwards.
+    on_log: train()'s, called with each record of log.jsonl.
     On the CPU the row's peak memory is this method's own (the process's peak is reset first)."""
     from .peft import MethodConfig, apply, train_only
     from .report import method_row
@@ -76,7 +78,8 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
         apply(model, method)
         sampler = LengthGroupedSampler(task.train.lengths(), train_config.batch_size * train_config.grad_accum,
                                        seed=sampler_seed)
-        summary = train(model, task.train, train_config, eval_dataset=task.validation, sampler=sampler)
+        summary = train(model, task.train, train_config, eval_dataset=task.validation, sampler=sampler,
+                        on_log=on_log)
         if summary.get("best_val_loss") is None:  # stopped before any evaluation: the final model's loss
             summary["best_val_loss"] = evaluate_loss(model, task.validation, collate, eval_batch_size)
         if per_method_peak:

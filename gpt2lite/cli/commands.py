@@ -99,9 +99,13 @@ def _train_and_report(runs, model, data, train, generation, search, fallback, ne
     for index, run in enumerate(runs):
         output_dir = os.path.join(train.output_dir, run.name) if nested else train.output_dir
         print(f"\n=== {run.name}: {_describe(run.method)}", flush=True)
-        rows += run_one(run, setup, train, output_dir, search, reference_dir=train.output_dir,
-                        last_use=index == len(runs) - 1)
-        print(f"    {_summary_line(rows[-1])}; outputs in {output_dir}", flush=True)
+        new_rows = run_one(run, setup, train, output_dir, search, reference_dir=train.output_dir,
+                           last_use=index == len(runs) - 1)
+        if new_rows:  # none: a search worker whose last trial was not the search's last
+            print(f"    {_summary_line(new_rows[-1])}; outputs in {output_dir}", flush=True)
+        rows += new_rows
+    if not rows:
+        return {"rows": [], "paths": {}}
     paths = write_report(rows, train.output_dir, setup.task.kind, title=title, random_init=setup.base.random_init,
                          notes=setup.notes)
     print("\n" + open(paths["md"]).read())

@@ -119,6 +119,8 @@ def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search:
     reference = base_reference(setup, reference_dir) if adapter else None  # written before the base trains
     if search.trials and run.method is not None:
         result = search_method(run, setup, config, search)
+        if result is None:  # another worker of the search writes this method's outputs
+            return []
     else:
         result = run_method(run.name, run.method, setup.base, setup.task, config, sampler_seed=train.seed,
                             copy_base=not last_use)
@@ -168,43 +170,75 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 
 def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchConfig):
-    """Optuna trials of one method (each in config.output_dir/trial_<n>/); the best trial's model, or with
-    retrain_best_model the best configuration trained again on the whole training split."""
+    """Optuna trials of one method (each in config.output_dir/trial_<n>/, the study in search.storage); the
+    best trial's model, or with retrain_best_model the best configuration trained again on the whole
+    training split. None in a worker that did not finish the search's last trial: that one writes the result."""
     space = space_for(run.method.name)
     cap = search.train_samples or setup.data.max_train_samples
     trial_task = copy.copy(setup.task)
     trial_task.train = copy.copy(setup.task.train)
     if cap is not None:
         trial_task.train.rows = subset(setup.task.train.rows, 1.0, cap, setup.data.seed)
-    best = {}
 
     def configured(params, output_dir):
         options = {k: v for k, v in params.items() if k in ("rank", "alpha", "dropout")}
         method = dataclasses.replace(run.method, **options)
         return method, dataclasses.replace(config, output_dir=output_dir, lr=params["lr"], epochs=params["epochs"])
 
-    def objective(params, trial_dir):
+    def objective(params, trial_dir, report):
         method, trial_config = configured(params, trial_dir)
+
+        def on_log(record):  # each evaluation's loss goes to the pruner, which may stop the trial here
+            if record["type"] == "eval":
+                report(record["val_loss"], record["step"])
+
         result = run_method(run.name, method, setup.base, trial_task, trial_config, sampler_seed=config.seed,
-                            evaluate=False)
+                            evaluate=False, on_log=on_log)
         value = result.row["best_val_loss"]
         print(f"    {run.name} trial {os.path.basename(trial_dir)}: {params} -> val loss {value}", flush=True)
-        if value is not None and value < best.get("value", float("inf")):
-            best.update(value=value, result=result)
         return value
 
-    found = run_search(objective, search.trials, config.output_dir, space=space, seed=config.seed)
+    model_id = setup.base_reference if setup.base.kind == "pretrained" else setup.base.kind
+    study_name = search.study_name or f"{run.name}:{setup.data.task}:{model_id}"
+    found = run_search(objective, search.trials, config.output_dir, space=space, seed=config.seed,
+                       storage=search.storage, study_name=study_name, pruner=search.pruner,
+                       heartbeat_s=search.heartbeat_s)
+    print(open(os.path.join(config.output_dir, "search.md")).read(), flush=True)
+    if not found["last_worker"]:
+        print(f"{run.name}: the search's last trial finished in another worker, which writes the best model "
+              "and the report", flush=True)
+        return None
     print(f"{run.name}: best trial {found['best_trial']}: {found['best_params']} "
           f"(val loss {found['best_value']:.4f})", flush=True)
     method, best_config = configured(found["best_params"], os.path.join(config.output_dir, "best_model"))
     if search.retrain_best_model:
         return run_method(f"{run.name} (best trial, retrained)", method, setup.base, setup.task, best_config,
                           sampler_seed=config.seed)
-    result = best["result"]
-    quality, result.predictions = setup.task.evaluate(result.model)
-    result.row.update(quality)
-    result.row["method"] = f"{run.name} (best trial)"
-    return result
+    return best_trial_result(run, setup, method, config, found)
+
+
+def best_trial_result(run: Run, setup: Setup, method: MethodConfig, config: TrainConfig, found: dict):
+    """The best trial's model rebuilt from its folder (it may have run in another process), scored on the
+    test split."""
+    from ..checkpoint import load_trainable
+    from ..experiment import MethodResult
+    from ..peft import apply
+    from ..report import method_row
+
+    trial_dir = os.path.join(config.output_dir, f"trial_{found['best_trial']}")
+    if not os.path.isfile(os.path.join(trial_dir, "summary.json")):
+        raise FileNotFoundError(f"{trial_dir}/summary.json is missing: the best trial ran on another machine? "
+                                "Run this command where its folder is, or add --search.retrain_best_model true")
+    with open(os.path.join(trial_dir, "summary.json")) as f:
+        summary = {**json.load(f), "best_val_loss": found["best_value"]}
+    model = copy.deepcopy(setup.base.model)
+    apply(model, method)
+    load_trainable(model, os.path.join(trial_dir, os.path.basename(summary["model_file"])))
+    model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quality, predictions = setup.task.evaluate(model)
+    row = method_row(f"{run.name} (best trial)", summary, model, quality, random_init=setup.base.random_init,
+                     base_kind=setup.base.kind)
+    return MethodResult(row, model, summary, predictions)
 
 
 def load_for_inference(model: Optional[str], adapter: Optional[str], device: Optional[str] = None,
