@@ -3,6 +3,11 @@
 GPT2.forward(..., labels=...) calls `lm_loss`; use_fast_kernels (on by default) swaps in
 gpt2lite.kernels.loss.causal_lm_loss, which gives the same loss and gradients without ever holding the
 (positions x vocab) logits.
+
+Under torch.compile both take `all_positions_loss`: selecting the labelled positions gives a tensor whose
+size depends on the labels' values, which a compiled graph cannot hold; cross-entropy with ignore_index over
+every position gives the same mean, and Inductor fuses its softmax passes. The label check then runs as a
+custom op (`checked_lm_labels`, as gpt2lite.input_checks does for token ids), with the same message.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def check_label_shape(hidden, labels):
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
+
+
 def labelled_positions(hidden, labels, head):
     """(hidden states (N, C), targets (N,)) at the positions whose next-token label is not IGNORE_INDEX.
 
@@ -22,8 +32,7 @@ def labelled_positions(hidden, labels, head):
     predicted from hidden t-1, as in transformers); head: the LM head (its out_features bounds the labels).
     Raises ValueError for mismatched shapes and for labels that are not token ids.
     """
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(hidden.shape[:2])}")
+    check_label_shape(hidden, labels)
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE_INDEX  # (B, T-1)
     selected, targets = hidden[:, :-1][keep], targets[keep]  # (N, C), (N,)
@@ -35,12 +44,27 @@ def labelled_positions(hidden, labels, head):
 def lm_loss(hidden, labels, head):
     """Mean next-token cross-entropy over the positions whose label is not IGNORE_INDEX (see
     labelled_positions for the arguments); the LM head runs at those positions only."""
+    if torch.compiler.is_compiling():
+        return all_positions_loss(hidden, labels, head)
     selected, targets = labelled_positions(hidden, labels, head)
     if targets.numel() == 0:
         # no label in this batch: a zero that still depends on the parameters, so backward() works
         return hidden.sum() * 0.0
     logits = head(selected).float()  # (N, V)
     return F.cross_entropy(logits, targets)
+
+
+def all_positions_loss(hidden, labels, head):
+    """lm_loss with shapes that do not depend on the labels' values (for torch.compile): the head at every
+    position, the cross-entropy summed with ignore_index and divided by the number of targets (0 when
+    there is none, as lm_loss)."""
+    check_label_shape(hidden, labels)
+    labels = checked_lm_labels(labels, getattr(head, "out_features", None))
+    targets = labels[:, 1:].reshape(-1)  # (B * (T-1),)
+    logits = head(hidden[:, :-1]).float()  # (B, T-1, V)
+    total = F.cross_entropy(logits.reshape(targets.numel(), -1), targets, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def check_targets(targets, labels, vocab_size: Optional[int]):
@@ -62,3 +86,23 @@ def check_targets(targets, labels, vocab_size: Optional[int]):
     raise ValueError(
         f"label {int(shifted[row, position])} at row {row}, position {position + 1} is not a token id in "
         f"[0, {vocab}) nor {IGNORE_INDEX} (no target there); mask prompts and padding with {IGNORE_INDEX}")
+
+
+@torch.library.custom_op("gpt2lite::checked_lm_labels", mutates_args=())
+def lm_labels_op(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    targets = labels[:, 1:]  # (B, T-1)
+    targets = targets[targets != IGNORE_INDEX]  # (N,)
+    if targets.numel():
+        check_targets(targets, labels, vocab_size if vocab_size > 0 else None)
+    return labels.clone()
+
+
+@lm_labels_op.register_fake
+def lm_labels_fake(labels, vocab_size):
+    return torch.empty_like(labels)
+
+
+def checked_lm_labels(labels: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """Labels (B, T) after check_targets, for traced code: a custom op that runs the check when the compiled
+    graph runs and returns a copy of the labels (so that it is not dropped as dead code)."""
+    return lm_labels_op(labels, vocab_size or 0)

@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from .architectures import architecture
 from .attention import attention_mask_for
 from .config import GPT2Config
+from .input_checks import checked_class_labels, checked_token_ids
 from .kernels import use_fast_kernels
 from .loss import IGNORE_INDEX, lm_loss
 
@@ -96,7 +97,7 @@ class GPT2Model(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids (B, T) or inputs_embeds (B, T, C)")
-            self._check_ids(input_ids)
+            input_ids = self._check_ids(input_ids)
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
         n_real = inputs_embeds.size(1)
         if self.virtual_tokens is not None:  # prepends prompt embeddings or fills the cache with a prefix
@@ -118,8 +119,9 @@ class GPT2Model(nn.Module):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}"
                 )
-            if bool(attention_mask.all()):
-                attention_mask = None  # no padding: take SDPA's fast causal path
+            # no padding: take SDPA's fast causal path (a branch on the mask's values: not when compiling)
+            if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+                attention_mask = None
         x = self.drop(inputs_embeds + self.wpe(position_ids))  # (B, T, C)
         masks = {}  # one mask per distinct window size
         for i, block in enumerate(self.h):
@@ -138,6 +140,7 @@ class GPT2Model(nn.Module):
         return self.ln_f(x[:, T - n_out:])  # (B, n_out, C): a soft prompt's own outputs are dropped
 
     def _check_ids(self, input_ids):
+        """input_ids, checked (dtype, shape, values in the vocabulary)."""
         # refused rather than converted: int8/int16/uint8 cannot hold GPT-2's 50,257 ids, so a cast to one
         # of them may already have wrapped some of them into other valid ids
         if input_ids.dtype not in (torch.long, torch.int):
@@ -145,12 +148,7 @@ class GPT2Model(nn.Module):
                             f"{input_ids.dtype}, which cannot hold every token id; use torch.long")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, time), got {tuple(input_ids.shape)}")
-        if input_ids.numel() and not input_ids.is_meta:
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]"
-                )
+        return checked_token_ids(input_ids, self.config.vocab_size)  # a custom op under torch.compile
 
 
 class PreTrained(nn.Module):
@@ -260,8 +258,7 @@ class GPT2ForSequenceClassification(PreTrained):
         pooled = hidden[torch.arange(B, device=hidden.device), last]  # (B, C)
         logits = self.score(pooled)  # (B, num_labels)
         if labels is not None:
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_labels):
-                raise ValueError(f"labels must be in [0, {self.num_labels}), got {labels.tolist()}")
+            labels = checked_class_labels(labels, self.num_labels)
             return F.cross_entropy(logits.float(), labels)
         return logits
 

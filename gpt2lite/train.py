@@ -30,6 +30,7 @@ Summary (train()'s return value and summary.json): steps, epochs_completed, stop
 earlier than `steps` when the last steps were skipped for a NaN loss), best_val_loss, best_step,
 wall_time_s, tokens_per_s, peak_memory_mb, checkpoint_mb (size of the trainable-weights file), model_file,
 trainable_params, total_params, skipped_steps, world_size, precision (the one trained in: "auto" resolved),
+compile_s (with TrainConfig.compile: the first step's wall time, compilation included; else None),
 history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
 """
 
@@ -96,6 +97,9 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
             grad_norm = _update(run, loss, lr)
             run.scheduler.step()
             state.end_step(n_micro, loss_sum, tokens, input_tokens, time.perf_counter() - step_start)
+            if config.compile and run.compile_s is None:
+                run.compile_s = time.perf_counter() - step_start
+                logger.info("first compiled step (tracing and code generation included): %.1f s", run.compile_s)
             state.elapsed_s = run.elapsed_s()
             # log, evaluate, move to the next epoch, decide whether to stop, save
             epoch_done = state.batch_in_epoch == len(micro_batches)
@@ -193,6 +197,7 @@ def _finish(run: Run, stopped_by: Optional[str]) -> dict:
         "checkpoint_mb": os.path.getsize(model_file) / 2**20 if world.is_main else None,
         "model_file": model_file, "trainable_params": run.trainable_params, "total_params": run.total_params,
         "skipped_steps": state.skipped_steps, "world_size": world.world_size, "precision": run.precision,
+        "compile_s": run.compile_s,
         "history": {"train": state.history["train"], "val": state.history["val"]},
     }
     if world.is_main:

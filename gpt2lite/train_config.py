@@ -36,6 +36,8 @@ class TrainConfig:
     #                          | "auto" (bf16 where the device has native bf16 arithmetic, else fp32)
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when available, else cpu
     activation_checkpointing: bool = False  # True: model.set_activation_checkpointing(True) (less memory, ~1.3x time)
+    compile: bool = False  # torch.compile the training forward and backward once (dynamic batch and sequence
+    #                        sizes: no recompilation per length); checks, keys and checkpoints as without it
     # evaluation, early stopping, checkpoints
     eval_every: Optional[int] = None  # evaluate every N optimizer steps
     eval_each_epoch: bool = True  # and at the end of each epoch
@@ -68,6 +70,8 @@ class TrainConfig:
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {self.precision!r}")
         object.__setattr__(self, "report_to", loggers.check_names(self.report_to))
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.epochs is None and self.max_steps is None and self.time_budget_s is None:

@@ -44,7 +44,7 @@ class Run:
 
     config: TrainConfig
     model: torch.nn.Module
-    ddp_model: torch.nn.Module  # the model itself unless under torchrun
+    ddp_model: torch.nn.Module  # what the step calls: the model, DDP-wrapped under torchrun, compiled if asked
     train_dataset: Any
     eval_dataset: Any
     collate_fn: Callable
@@ -66,6 +66,7 @@ class Run:
     loader_generator: Optional[torch.Generator] = None
     start_time: float = 0.0
     elapsed_before: float = 0.0  # elapsed_s of the runs this one resumes
+    compile_s: Optional[float] = None  # with config.compile: the first step's wall time, compilation included
 
     def path(self, name: str) -> str:
         return os.path.join(self.config.output_dir, name)
@@ -157,7 +158,8 @@ def setup(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     device = _device(config)
     precision = resolve_precision(config.precision, device)  # "auto" -> "bf16" or "fp32", logged
     world = distributed.setup(device.type)
-    ddp_model, trainable_params, total_params = _prepare_model(model, config, device, world)
+    given, model = model, uncompiled(model)  # a torch.compile'd model trains compiled, saves as the model
+    ddp_model, trainable_params, total_params = _prepare_model(model, config, device, world, given)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     micro_batches = epoch_micro_batches(len(train_dataset), 0, config, sampler, world)
@@ -216,9 +218,16 @@ def _device(config: TrainConfig) -> torch.device:
     return device
 
 
-def _prepare_model(model, config: TrainConfig, device: torch.device, world):
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that torch.compile wrapped (whose state-dict keys carry no "_orig_mod." prefix), or
+    `model` itself when it is not a compiled module."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _prepare_model(model, config: TrainConfig, device: torch.device, world, given=None):
     """Move the model to `device` in training mode, with activation checkpointing if asked; return
-    (the model, DDP-wrapped under torchrun; trainable parameter count; total parameter count)."""
+    (what the step calls: the model, DDP-wrapped under torchrun, compiled with config.compile or as the
+    caller compiled it (`given`); trainable parameter count; total parameter count)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -236,6 +245,11 @@ def _prepare_model(model, config: TrainConfig, device: torch.device, world):
     if world.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        # once, around DDP (whose buckets then split the graph); dynamic: batches of other lengths reuse it
+        ddp_model = torch.compile(ddp_model, dynamic=True)
+    elif given is not model and not world.distributed:
+        ddp_model = given  # the caller's torch.compile(model): trained as compiled, saved as the model
     return ddp_model, trainable_params, total_params
 
 

@@ -4,7 +4,7 @@ What it buys: PyTorch's CPU matmuls go to MKL, which on some CPUs (the AMD EPYC 
 takes its AVX2 kernels; oneDNN, which PyTorch also ships, runs GPT-2's shapes faster there, most of all the
 LM head of a decoding step. On other CPUs the two are about even. The backward matmuls stay with MKL. The
 products and sums are the same, only their order differs (the last bits of float32). Anything else (CUDA,
-other dtypes, autocast, a PyTorch without oneDNN, `torch.backends.mkldnn.flags(enabled=False)`) is F.linear.
+other dtypes, autocast, torch.compile, a PyTorch without oneDNN, `torch.backends.mkldnn.flags(enabled=False)`) is F.linear.
 Measured against transformers + peft: benchmarks/run.py (README, "Performance"); tests/test_linear.py.
 """
 
@@ -18,8 +18,9 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr
 
 
 def uses_onednn(x, weight) -> bool:
-    """Whether linear(x, weight, ...) takes the oneDNN path."""
-    return (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+    """Whether linear(x, weight, ...) takes the oneDNN path (never under torch.compile: Inductor cannot
+    lower mkldnn._linear_pointwise, and it plans its own matmuls)."""
+    return (_ONEDNN_LINEAR is not None and not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..loss import labelled_positions
+from ..loss import all_positions_loss, labelled_positions
 from .linear import is_plain_linear, linear
 
 CHUNK_SIZE = 512  # positions per chunk: chunk x 50,257 float32 logits = 103 MB
@@ -28,6 +28,8 @@ def causal_lm_loss(hidden, labels, head, chunk_size: int = CHUNK_SIZE):
     through linear_cross_entropy, any other head (an adapter around it) through autograd."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if torch.compiler.is_compiling():  # see gpt2lite.loss: the labelled positions' count is data-dependent
+        return all_positions_loss(hidden, labels, head)
     selected, targets = labelled_positions(hidden, labels, head)  # (N, C), (N,)
     n = targets.numel()
     if n == 0:
