@@ -21,8 +21,6 @@ works; they are not GPT-2 results.
 import json
 import os
 
-import torch
-
 from gpt2lite import GPT2, Tokenizer, count_parameters
 from gpt2lite.data import DataConfig, load_splits
 from gpt2lite.experiment import build_task, generate_texts, load_base_model
@@ -30,6 +28,7 @@ from gpt2lite.generate import GenerationConfig
 from gpt2lite.peft import MethodConfig, apply, load_adapter, save_adapter
 from gpt2lite.pretrain import PretrainConfig
 from gpt2lite.report import method_row, write_report
+from gpt2lite.seed import seed_everything
 from gpt2lite.tasks import DEFAULT_TEMPLATE, build_generation_prompts
 from gpt2lite.train import TrainConfig, train as train_loop
 
@@ -76,7 +75,7 @@ def main(model: str = MODEL, data: DataConfig = DATA, method: MethodConfig = MET
     # 2. LoRA: low-rank A, B beside the targeted weights (B = 0, so the model is unchanged); only they train.
     # A is drawn from torch's generator, seeded from the run's seed right here, whatever ran before (a first
     # offline run pretrains the base): the same settings give the same run
-    torch.manual_seed(train.seed)
+    seed_everything(train.seed)
     apply(base.model, method)
     trainable, total = count_parameters(base.model)
     print(f"{method.name}: rank {method.rank}, alpha {method.alpha:g} on {', '.join(method.targets or ['c_attn'])}: "

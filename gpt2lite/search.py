@@ -27,11 +27,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
-import torch
-
 from .files import atomic_write_text
 from .search_study import (default_storage, heartbeat_grace_s, open_study, retry, retry_of, shown_url, slot_holders,
                            slot_of)
+from .seed import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ def run_search(objective: Callable[[dict, str, Callable[[float, int], None]], fl
     trial in the storage, plus "last_worker": whether this process finished the search's last trial (or
     found it finished), i.e. should do what follows it.
 
-    Each trial starts from torch.manual_seed(seed), so its result depends on its parameters only. A trial
+    Each trial starts from seed_everything(seed), so its result depends on its parameters only. A trial
     whose objective raises or returns a non-finite loss is recorded as failed and the search goes on; one
     pruned through report() counts as pruned."""
     optuna = require_optuna()
@@ -181,7 +180,7 @@ def trial_runner(optuna, study, objective, n_trials: int, output_dir: str, space
         ran.append(trial.number)
         note_trial_folder(output_dir, trial.number, state="RUNNING", params=params, worker=worker,
                           retry_of=rerun_of, started=time.time())
-        torch.manual_seed(seed)  # the trial's model (adapter init) is the same whatever ran before it
+        seed_everything(seed)  # the trial's model (adapter init) is the same whatever ran before it
         started = time.perf_counter()
         try:
             value = objective(params, trial_dir, reporter(optuna, trial))

@@ -23,6 +23,14 @@ TINY_HF_KWARGS = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)
 NUM_LABELS = 20  # as twitter-financial-news-topic
 
 
+@pytest.fixture
+def hub_offline(monkeypatch, tmp_path):
+    """No hub: transformers and datasets offline, and a datasets cache of the test's own."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a slow test not needed for any Done-when item (still run in CI)")
 

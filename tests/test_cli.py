@@ -42,11 +42,7 @@ def news_rows(n, seed=0):
     return rows
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 QUICK = ["--train.max_steps", "2", "--train.batch_size", "4", "--train.progress_bar", "false",

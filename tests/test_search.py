@@ -23,11 +23,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 WORDS = "shares rose after the company reported strong earnings while analysts expected slower growth".split()
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    for name, value in OFFLINE.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 def news(tmp_path) -> Path:
