@@ -130,6 +130,6 @@ def copy_for_run(base: BaseModel, method=None) -> torch.nn.Module:
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
-    from .peft.qlora import NF4Linear
+    from .peft.qlora import nf4_layers
 
-    return any(isinstance(module, NF4Linear) for module in model.modules())
+    return bool(nf4_layers(model))

@@ -146,11 +146,16 @@ def quantize_nf4(model: nn.Module, targets: Optional[Sequence[str]] = None, comp
     return names
 
 
+def nf4_layers(model: nn.Module) -> dict:
+    """{name: NF4Linear} of the model's 4-bit layers ({} for a float model)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
 def quantize_unless_quantized(model: nn.Module, compute_dtype=torch.float32, double_quant: bool = True) -> list[str]:
     """QLoRA's base: quantize_nf4(model), or, for a model whose linears are 4-bit already (quantized as it
     loaded: from_pretrained(quantize="nf4")), nothing, once their settings are checked to be the asked ones.
     Returns the names of the 4-bit layers."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    layers = nf4_layers(model)
     if not layers:
         return quantize_nf4(model, compute_dtype=compute_dtype, double_quant=double_quant)
     found = sorted({(str(m.compute_dtype), m.double_quant) for m in layers.values()})
