@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=2 python benchmarks/demo_trial.py --seed 0 --output-dir runs/demo_trial_s0
 
 Runs what `make demo` runs offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set here) through
-gpt2lite.experiment, with the settings of NOTES / the demo recipe, and prints per phase the wall time and
+gpt2lite.experiment.runs, with the settings of NOTES / the demo recipe, and prints per phase the wall time and
 the process's CPU time (the machine may be shared: CPU time / threads is what a quiet machine would take).
 It chose those settings; rerun it to check them after a change.
 """
@@ -19,10 +19,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from gpt2lite import Tokenizer  # noqa: E402
-from gpt2lite.experiment import load_base_model, run_method, summarization_splits, summarization_task  # noqa: E402
-from gpt2lite.pretrain import PretrainConfig  # noqa: E402
-from gpt2lite.report import write_report  # noqa: E402
-from gpt2lite.train import TrainConfig  # noqa: E402
+from gpt2lite.experiment.runs import load_base_model, run_method, summarization_splits, summarization_task  # noqa: E402
+from gpt2lite.experiment.pretrain import PretrainConfig  # noqa: E402
+from gpt2lite.experiment.report import write_report  # noqa: E402
+from gpt2lite.training.loop import TrainConfig  # noqa: E402
 
 METHODS = {  # label -> (MethodConfig fields, learning rate, optimizer steps)
     "none": (None, None, None),

@@ -83,7 +83,7 @@ def parse_args(argv=None):
         args.matmul_size = 8192 if args.device == "cuda" else 2048
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
-    from gpt2lite.precision import resolve_precision
+    from gpt2lite.training.precision import resolve_precision
 
     args.precision = resolve_precision(args.precision, args.device)
     return args

@@ -7,7 +7,7 @@
 
 The steps, in order: load the base model, add LoRA, build the summarization task, train, evaluate ROUGE on
 the test split, save the adapter in peft's format, then load it back and summarize a few test articles.
-(`gpt2lite.experiment.run_method` does steps 2, 4 and 5 in one call; the command line is built on it.)
+(`gpt2lite.experiment.runs.run_method` does steps 2, 4 and 5 in one call; the command line is built on it.)
 The settings are the library's own dataclasses (DataConfig, MethodConfig, TrainConfig, GenerationConfig):
 edit them below, or override any field from the command line (jsonargparse makes main's parameters flags,
 named as in `gpt2lite finetune`; `--config my.yaml` reads them from YAML).
@@ -22,15 +22,15 @@ import json
 import os
 
 from gpt2lite import GPT2, Tokenizer, count_parameters
-from gpt2lite.data import DataConfig, load_splits
-from gpt2lite.experiment import build_task, generate_texts, load_base_model
-from gpt2lite.generate import GenerationConfig
+from gpt2lite.tasks.splits import DataConfig, load_splits
+from gpt2lite.experiment.runs import build_task, generate_texts, load_base_model
+from gpt2lite.generation.decoding import GenerationConfig
 from gpt2lite.peft import MethodConfig, apply, load_adapter, save_adapter
-from gpt2lite.pretrain import PretrainConfig
-from gpt2lite.report import method_row, write_report
+from gpt2lite.experiment.pretrain import PretrainConfig
+from gpt2lite.experiment.report import method_row, write_report
 from gpt2lite.seed import seed_everything
 from gpt2lite.tasks import DEFAULT_TEMPLATE, build_generation_prompts
-from gpt2lite.train import TrainConfig, train as train_loop
+from gpt2lite.training.loop import TrainConfig, train as train_loop
 
 # -- settings: recipes/demo.yaml's LoRA run; each field is a flag (--model, --data.train, --method.rank, ...) --
 MODEL = "gpt2"  # a hub id or a checkpoint directory

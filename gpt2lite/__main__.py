@@ -1,6 +1,6 @@
 """`python -m gpt2lite ...` is the `gpt2lite` command line."""
 
-from .cli import main
+from gpt2lite.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -90,7 +90,7 @@ def read_json_object(path: str, holds: str, fix: str) -> dict:
     JSON value that is not an object. holds: the message's end for that case, saying what the object should
     hold, e.g. 'not an object of adapter settings (...)';
     fix: what to do about a file that is not valid JSON."""
-    from .errors import CheckpointError
+    from gpt2lite.errors import CheckpointError
 
     try:
         with open(path, encoding="utf-8") as f:

@@ -7,7 +7,7 @@ gpt2lite.kernels.loss.causal_lm_loss, which gives the same loss and gradients wi
 Under torch.compile both take `all_positions_loss`: selecting the labelled positions gives a tensor whose
 size depends on the labels' values, which a compiled graph cannot hold; cross-entropy with ignore_index over
 every position gives the same mean, and Inductor fuses its softmax passes. The label check then runs as a
-custom op (`checked_lm_labels`, as gpt2lite.input_checks does for token ids), with the same message.
+custom op (`checked_lm_labels`, as gpt2lite.model.input_checks does for token ids), with the same message.
 """
 
 from __future__ import annotations

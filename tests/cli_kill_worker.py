@@ -5,11 +5,11 @@ import os
 import signal
 import sys
 
-import gpt2lite.train_setup
+import gpt2lite.training.run
 from gpt2lite.cli import run
 
 KILL_AFTER = int(sys.argv[1])
-log = gpt2lite.train_setup.Run.log
+log = gpt2lite.training.run.Run.log
 
 
 def log_then_die(self, record):
@@ -19,5 +19,5 @@ def log_then_die(self, record):
 
 
 if __name__ == "__main__":
-    gpt2lite.train_setup.Run.log = log_then_die
+    gpt2lite.training.run.Run.log = log_then_die
     run(sys.argv[2:])

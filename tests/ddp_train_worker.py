@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_helpers import collate_lm, ddp_config, lm_examples, tiny_model  # noqa: E402
 
-from gpt2lite.train import train  # noqa: E402
+from gpt2lite.training.loop import train  # noqa: E402
 
 
 def main(output_dir):

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_helpers import collate_lm, lm_examples, resume_config, tiny_model  # noqa: E402
 
-from gpt2lite.train import train  # noqa: E402
+from gpt2lite.training.loop import train  # noqa: E402
 
 
 def kill_after_step_5(record):

@@ -19,8 +19,8 @@ import torch
 from gpt2lite import GPT2
 from gpt2lite.kernels.attention import dropout_attention
 from gpt2lite.peft import add_lora, load_adapter
-from gpt2lite.precision import cpu_has_native_bf16, resolve_precision
-from gpt2lite.train import TrainConfig, train
+from gpt2lite.training.precision import cpu_has_native_bf16, resolve_precision
+from gpt2lite.training.loop import TrainConfig, train
 
 BF16_SLACK = 2.0
 FLOOR = 2e-3  # relative gradient error below which any two bf16 computations count as equal (about 2^-9)
@@ -160,13 +160,13 @@ def test_train_in_bf16_tracks_fp32_and_auto_follows_the_hardware(tiny_hf_dir, tm
     bf16_losses = [loss for _, loss in bf16["history"]["train"]]
     assert bf16_losses != fp32_losses and bf16_losses == pytest.approx(fp32_losses, rel=1e-2)
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
-    with caplog.at_level("INFO", logger="gpt2lite.precision"):
+    with caplog.at_level("INFO", logger="gpt2lite.training.precision"):
         auto = run("auto", "auto")
     expected = "bf16" if cpu_has_native_bf16() else "fp32"
     assert auto["precision"] == expected
     assert json.loads((tmp_path / "auto" / "summary.json").read_text())["precision"] == expected
     assert f"precision='auto': {expected}" in caplog.text
-    monkeypatch.setattr("gpt2lite.precision.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("gpt2lite.training.precision.cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is kept
 

@@ -16,12 +16,12 @@ import yaml
 from conftest import REPO_ROOT
 from gpt2lite.cli import run
 from gpt2lite.cli.parser import COMMANDS
-from gpt2lite.data import DataConfig, load_splits
-from gpt2lite.generate import GenerationConfig
+from gpt2lite.tasks.splits import DataConfig, load_splits
+from gpt2lite.generation.decoding import GenerationConfig
 from gpt2lite.peft import MethodConfig
-from gpt2lite.search import SearchConfig
+from gpt2lite.experiment.search import SearchConfig
 from gpt2lite.tasks import DataError
-from gpt2lite.train import TrainConfig
+from gpt2lite.training.loop import TrainConfig
 
 WORDS = ("market shares rose sharply after the company reported strong quarterly earnings while analysts "
          "expected slower growth in the coming year as rates stay high").split()
@@ -108,8 +108,8 @@ def test_one_file_is_split_into_three_disjoint_seeded_parts(tmp_path):
 def test_sample_caps_stream_only_the_first_rows_of_a_hub_dataset(monkeypatch):
     """A capped run asks the hub for the rows it uses (load_table's max_rows), not whole splits: the online
     demo trains on 2,000 CNN/DailyMail articles without downloading the 287,113 of the train split."""
-    import gpt2lite.data
-    import gpt2lite.text_splits
+    import gpt2lite.tasks.splits
+    import gpt2lite.tasks.text_splits
 
     asked = {}
 
@@ -118,8 +118,8 @@ def test_sample_caps_stream_only_the_first_rows_of_a_hub_dataset(monkeypatch):
         return [{"article": f"article {i}", "highlights": f"summary {i}", "text": "t", "label": 0}
                 for i in range(max_rows or 30)]
 
-    monkeypatch.setattr(gpt2lite.text_splits, "load_table", fake_load_table)
-    monkeypatch.setattr(gpt2lite.data, "load_table", fake_load_table)
+    monkeypatch.setattr(gpt2lite.tasks.text_splits, "load_table", fake_load_table)
+    monkeypatch.setattr(gpt2lite.tasks.splits, "load_table", fake_load_table)
     splits = load_splits(DataConfig(dataset="cnn_dailymail", dataset_config="3.0.0", max_train_samples=20,
                                     max_validation_samples=5, max_test_samples=7))
     assert asked == {"train": 20, "validation": 5, "test": 7}
@@ -149,7 +149,7 @@ def test_every_generation_field_reaches_generate(monkeypatch):
     with the tokenizer that stop strings need."""
     import importlib
 
-    from gpt2lite.experiment import generate_texts
+    from gpt2lite.experiment.runs import generate_texts
     from gpt2lite.tokenizer import Tokenizer
 
     seen = {}
@@ -159,7 +159,7 @@ def test_every_generation_field_reaches_generate(monkeypatch):
         return torch.zeros(input_ids.size(0), 1, dtype=torch.long)
 
     # the module, not the function of the same name that gpt2lite/__init__.py exports
-    monkeypatch.setattr(importlib.import_module("gpt2lite.generate"), "generate", fake_generate)
+    monkeypatch.setattr(importlib.import_module("gpt2lite.generation.decoding"), "generate", fake_generate)
     generation = GenerationConfig(max_new_tokens=5, num_beams=3, length_penalty=2.0, early_stopping=True,
                                   repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=1,
                                   stop_strings=("\n",))
@@ -311,7 +311,7 @@ def test_search_runs_trials_and_retrains_the_best(tmp_path, tiny_hf_dir):
 def test_search_without_optuna_is_a_clear_error(monkeypatch):
     import builtins
 
-    from gpt2lite.search import require_optuna
+    from gpt2lite.experiment.search import require_optuna
 
     real_import = builtins.__import__
 
@@ -336,7 +336,7 @@ def test_python_m_gpt2lite_runs_and_the_library_imports_without_jsonargparse():
     shown = subprocess.run([sys.executable, "-m", "gpt2lite", "--help"], capture_output=True, text=True, env=env)
     assert shown.returncode == 0 and "finetune" in shown.stdout and "merge" in shown.stdout
     code = ("import sys; sys.modules['jsonargparse'] = None\n"
-            "import gpt2lite, gpt2lite.experiment, gpt2lite.data, gpt2lite.cli, gpt2lite.cli.pipeline\n"
+            "import gpt2lite, gpt2lite.experiment.runs, gpt2lite.tasks.splits, gpt2lite.cli, gpt2lite.cli.pipeline\n"
             "from gpt2lite.cli import run\n"
             "try:\n    run(['finetune', '--help'])\nexcept SystemExit as e:\n    print('EXIT', e.code)\n")
     blocked = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -35,12 +35,12 @@ if ON_CUDA:
 from conftest import hf_gpt2_config  # noqa: E402
 
 from gpt2lite import GPT2, GPT2Config, generate  # noqa: E402
-from gpt2lite.architectures import ARCHITECTURES  # noqa: E402
-from gpt2lite.checkpoint import load_checkpoint  # noqa: E402
+from gpt2lite.model.architectures import ARCHITECTURES  # noqa: E402
+from gpt2lite.training.checkpoint import load_checkpoint  # noqa: E402
 from gpt2lite.peft import LoRALinear, add_lora, load_adapter, quantize_nf4, save_adapter  # noqa: E402
-from gpt2lite.peft.lora import lora_trainable_parameters  # noqa: E402
-from gpt2lite.peft.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa: E402
-from gpt2lite.train import TrainConfig, train  # noqa: E402
+from gpt2lite.peft.lora.layer import lora_trainable_parameters  # noqa: E402
+from gpt2lite.quantization.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa: E402
+from gpt2lite.training.loop import TrainConfig, train  # noqa: E402
 from helpers import TOKENS  # noqa: E402
 from train_helpers import collate_lm, lm_examples, pattern_examples, resume_config, tiny_model  # noqa: E402
 from test_hf import batch  # noqa: E402
@@ -326,7 +326,7 @@ def train_config(output_dir, **overrides):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_train_on_device_in_each_precision(tmp_path, precision):
-    """30 steps of gpt2lite.train on a learnable corpus: every loss finite, and the last five average below
+    """30 steps of gpt2lite.training.loop on a learnable corpus: every loss finite, and the last five average below
     half the first (measured on the CPU: 4.57 -> 1.4 in fp32); bf16 and fp16 close to fp32 at the first step
     (the same weights and batch: only the autocast rounding differs); fp16 with an enabled GradScaler."""
     if precision == "fp16" and not ON_CUDA:

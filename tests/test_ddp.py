@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2lite.train import train
+from gpt2lite.training.loop import train
 from train_helpers import collate_lm, ddp_config, lm_examples, tiny_model
 
 WORKER = Path(__file__).with_name("ddp_train_worker.py")

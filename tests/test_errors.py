@@ -10,7 +10,7 @@ import torch
 from conftest import hf_gpt2_config
 
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
-from gpt2lite.hf import CheckpointError
+from gpt2lite.hub.pretrained import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,7 +59,7 @@ def test_offline_switches_read_as_huggingface_hub_reads_them(monkeypatch, value,
     without asking the network exactly when a switch is set."""
     from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
 
-    from gpt2lite.hf import offline_switch
+    from gpt2lite.hub.pretrained import offline_switch
     from gpt2lite.tasks.loading import hub_reachable
 
     assert (value.upper() in ENV_VARS_TRUE_VALUES) is offline  # huggingface_hub's own set agrees
@@ -197,7 +197,7 @@ def test_token_ids_outside_the_vocabulary():
 def test_a_path_like_model_name_that_is_not_a_directory_says_so(name, monkeypatch):
     """load_base_model (the CLI's --model) says "no directory" for a path, even with a fallback allowed,
     instead of "the Hugging Face Hub is unreachable"."""
-    from gpt2lite.base_model import load_base_model
+    from gpt2lite.experiment.base_model import load_base_model
 
     monkeypatch.chdir(__import__("conftest").REPO_ROOT)  # tests/ exists: "tests/no_such_model" is a path
     for allow_random_init in (False, True):

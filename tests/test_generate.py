@@ -5,7 +5,7 @@ import torch
 from conftest import hf_gpt2_config
 
 from gpt2lite import GPT2, GPT2Config, generate
-from gpt2lite.generate import sample_next
+from gpt2lite.generation.decoding import sample_next
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,7 +15,7 @@ from conftest import hf_gpt2_config
 from test_generate import prompts
 
 from gpt2lite import GPT2, GPT2Config, Tokenizer, generate
-from gpt2lite.generate import GenerationConfig, KVCache
+from gpt2lite.generation.decoding import GenerationConfig, KVCache
 
 transformers = pytest.importorskip("transformers")
 

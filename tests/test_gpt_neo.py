@@ -9,8 +9,8 @@ import torch
 
 import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, Tokenizer, count_parameters, generate
-from gpt2lite.gpt_neo import GPTNeoSelfAttention, compress_attention_layers, config_to_hf, expand_attention_types
-from gpt2lite.hf import CheckpointError
+from gpt2lite.model.gpt_neo import GPTNeoSelfAttention, compress_attention_layers, config_to_hf, expand_attention_types
+from gpt2lite.hub.pretrained import CheckpointError
 from helpers import save_random
 
 transformers = pytest.importorskip("transformers")
@@ -153,7 +153,7 @@ HUB_CONFIG_125M = {
 
 
 def test_hub_config_is_the_preset():
-    assert gpt2lite.gpt_neo.config_from_hf(HUB_CONFIG_125M) == GPT2Config.from_name("EleutherAI/gpt-neo-125M")
+    assert gpt2lite.model.gpt_neo.config_from_hf(HUB_CONFIG_125M) == GPT2Config.from_name("EleutherAI/gpt-neo-125M")
 
 
 def test_config_round_trip_and_errors():
@@ -161,7 +161,7 @@ def test_config_round_trip_and_errors():
     hf = config_to_hf(config)
     assert hf["attention_types"] == [[["global", "local"], 6]] and hf["window_size"] == 256
     assert transformers.GPTNeoConfig(**hf).attention_layers == ["global", "local"] * 6
-    assert gpt2lite.gpt_neo.config_from_hf(hf) == config
+    assert gpt2lite.model.gpt_neo.config_from_hf(hf) == config
     mixed = [[["global"], 2], [["local", "global"], 1]]
     assert expand_attention_types(mixed) == ["global", "global", "local", "global"]
     assert compress_attention_layers(["global", "global", "local"]) == [[["global", "global", "local"], 1]]
@@ -170,7 +170,7 @@ def test_config_round_trip_and_errors():
     with pytest.raises(CheckpointError, match="scale_attn=False"):
         config_to_hf(config.replace(scale_attn=True))
     with pytest.raises(CheckpointError, match="unknown"):
-        gpt2lite.gpt_neo.config_from_hf({**hf, "attention_types": [[["global", "sparse"], 6]]})
+        gpt2lite.model.gpt_neo.config_from_hf({**hf, "attention_types": [[["global", "sparse"], 6]]})
 
 
 def test_tokenizer_is_gpt2s():
@@ -399,8 +399,8 @@ def test_default_targets_are_peft_defaults_on_each_architectures_modules(model_t
                                       TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
                                       TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 
-    from gpt2lite.architectures import default_targets
-    from gpt2lite.peft.inject import find_targets
+    from gpt2lite.model.architectures import default_targets
+    from gpt2lite.model.surgery import find_targets
 
     with torch.device("meta"):
         model = GPT2(GPT2Config.from_name(preset))

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config
-from gpt2lite.architectures import stores_transposed
+from gpt2lite.model.architectures import stores_transposed
 
 pytest.importorskip("peft")
 from gpt2lite.peft import apply, save_adapter  # noqa: E402
 from gpt2lite.peft.ia3 import ia3_layers  # noqa: E402
-from gpt2lite.peft.lora import lora_layers  # noqa: E402
+from gpt2lite.peft.lora.layer import lora_layers  # noqa: E402
 
 ADAPTED = {"lora": ("q_proj", "v_proj"), "qlora": ("q_proj", "v_proj"), "ia3": ("c_proj", "q_proj", "v_proj")}
 

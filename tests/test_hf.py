@@ -10,7 +10,7 @@ from conftest import NUM_LABELS, hf_gpt2_config
 
 import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
-from gpt2lite.architectures import ARCHITECTURES
+from gpt2lite.model.architectures import ARCHITECTURES
 from helpers import hf_lm
 
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, count_parameters
-from gpt2lite.architectures import default_targets
+from gpt2lite.model.architectures import default_targets
 from gpt2lite.peft import load_adapter, save_adapter
 from gpt2lite.peft.ia3 import add_ia3, ia3_layers, is_applied
 from helpers import adamw_steps, hf_lm

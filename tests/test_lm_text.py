@@ -10,9 +10,9 @@ import torch
 
 from gpt2lite import GPT2, Tokenizer
 from gpt2lite.cli import run
-from gpt2lite.data import DataConfig, load_splits
-from gpt2lite.generate import GenerationConfig
-from gpt2lite.task_builders import build_task
+from gpt2lite.tasks.splits import DataConfig, load_splits
+from gpt2lite.generation.decoding import GenerationConfig
+from gpt2lite.tasks.builders import build_task
 
 WINDOW, STRIDE = 64, 32
 
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("hub_offline")
 def reference(tiny_hf_dir, tmp_path_factory):
     """(transformers model, transformers tokenizer): the tiny checkpoint with GPT-2's tokenizer files."""
     transformers = pytest.importorskip("transformers")
-    from gpt2lite.cli.tokenizer_files import save_tokenizer_files
+    from gpt2lite.hub.tokenizer_files import save_tokenizer_files
 
     directory = tmp_path_factory.mktemp("tokenizer")
     save_tokenizer_files(str(directory))
@@ -87,14 +87,14 @@ def test_cli_perplexity_of_a_text_file_is_that_of_its_exact_text(suffix, tmp_pat
 def test_hub_rows_are_joined_as_the_perplexity_guide_joins_them(monkeypatch, tiny_hf_dir, reference):
     """WikiText from the hub: the test text is "\\n\\n".join(test["text"]) (blank rows included), and the
     training blocks are cut from the train rows joined the same way."""
-    import gpt2lite.text_splits
+    import gpt2lite.tasks.text_splits
 
     model, tokenizer = reference
 
     def fake_load_table(dataset=None, config_name=None, data_files=None, split="train", max_rows=None, **kwargs):
         return [{"text": row} for row in (ROWS if split == "test" else ROWS[::-1] * 3)]
 
-    monkeypatch.setattr(gpt2lite.text_splits, "load_table", fake_load_table)
+    monkeypatch.setattr(gpt2lite.tasks.text_splits, "load_table", fake_load_table)
     data = DataConfig(task="language_modeling", dataset="wikitext", dataset_config="wikitext-2-raw-v1",
                       max_length=WINDOW, stride=STRIDE)
     task = build_task(data, load_splits(data), Tokenizer(), WINDOW, GenerationConfig(max_new_tokens=4))

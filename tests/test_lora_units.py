@@ -1,6 +1,6 @@
 """LoRA and DoRA on a 2x2 layer with rank 1, every number worked out by hand in the comments: the forward
 pass, the merged weight, unmerging, and DoRA's magnitude. They double as a worked example of the formulas
-in gpt2lite/peft/lora.py; parity with peft on real models lives in test_peft_io.py."""
+in gpt2lite/peft/lora/layer.py; parity with peft on real models lives in test_peft_io.py."""
 
 import pytest
 import torch

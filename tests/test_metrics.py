@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from gpt2lite import metrics
+from gpt2lite.tasks import metrics
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gpt2lite.train import TrainConfig, train
+from gpt2lite.training.loop import TrainConfig, train
 from train_helpers import collate_lm, lm_examples, tiny_model
 from conftest import REPO_ROOT
 
@@ -32,7 +32,7 @@ def test_plotting_never_switches_the_backend_or_uses_pyplot(tmp_path, monkeypatc
     """matplotlib.use("Agg") would switch a notebook's inline backend for the whole session."""
     import matplotlib
 
-    from gpt2lite.report import plot_losses
+    from gpt2lite.experiment.report import plot_losses
 
     def forbidden(*args, **kwargs):
         raise AssertionError("plotting called matplotlib.use")

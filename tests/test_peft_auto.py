@@ -10,8 +10,8 @@ import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
 from gpt2lite.peft import NF4Linear, apply, quantize_nf4, save_adapter
-from gpt2lite.peft.inject import replace_modules
-from gpt2lite.peft.lora import plain_linear
+from gpt2lite.model.surgery import replace_modules
+from gpt2lite.peft.lora.layer import plain_linear
 from helpers import TOKENS
 
 peft = pytest.importorskip("peft")

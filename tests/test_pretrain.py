@@ -1,4 +1,4 @@
-"""The offline demo's pretrained base (gpt2lite/pretrain.py): it learns, it is cached and reused, any change
+"""The offline demo's pretrained base (gpt2lite/experiment/pretrain.py): it learns, it is cached and reused, any change
 to its corpus or settings retrains it, a crash never leaves a broken cache, and its corpus holds none of the
 summarization task's evaluation examples."""
 
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-import gpt2lite.pretrain as pretrain_module
-from gpt2lite.pretrain import PretrainConfig, cache_root, load_or_pretrain
+import gpt2lite.experiment.pretrain as pretrain_module
+from gpt2lite.experiment.pretrain import PretrainConfig, cache_root, load_or_pretrain
 
 WORDS = ["value", "list", "string", "file", "path", "number", "name", "object", "key", "item"]
 TEXTS = [f"def get_{a}_{b}(self, {a}):\nReturn the {b} of the {a}.\n\nThe {a} must be a {b}; a missing {a} "
@@ -43,7 +43,7 @@ def test_pretraining_lowers_the_held_out_loss(cache):
 
 def test_untrained_rows_take_the_rarest_trained_rows_mean():
     from gpt2lite import GPT2, GPT2Config
-    from gpt2lite.pretrain import fill_untrained_rows
+    from gpt2lite.experiment.pretrain import fill_untrained_rows
 
     model = GPT2(GPT2Config.from_name("tiny"))
     before = model.transformer.wte.weight.detach().clone()
@@ -80,7 +80,7 @@ def test_a_changed_corpus_config_or_setting_trains_a_new_model(cache, monkeypatc
     elif change == "corpus":
         _, second = load_or_pretrain(tiny(), texts=TEXTS[:-1])
     else:  # the same preset name, another architecture (e.g. an edited preset)
-        from gpt2lite.config import PRESETS
+        from gpt2lite.model.config import PRESETS
 
         monkeypatch.setitem(PRESETS, "tiny", {**PRESETS["tiny"], "n_layer": 1})
         _, second = load_or_pretrain(tiny(), texts=TEXTS)
@@ -157,10 +157,10 @@ def test_pretraining_corpus_holds_no_evaluation_example(stdlib_corpora):
 
 
 def test_offline_fallback_pretrains_and_says_so(cache, monkeypatch):
-    import gpt2lite.experiment as experiment
-    from gpt2lite.report import OFFLINE_PRETRAINED_NOTE, method_row, to_markdown
+    import gpt2lite.experiment.runs as experiment
+    from gpt2lite.experiment.report import OFFLINE_PRETRAINED_NOTE, method_row, to_markdown
 
-    monkeypatch.setattr("gpt2lite.base_model.hub_reachable", lambda: False)
+    monkeypatch.setattr("gpt2lite.experiment.base_model.hub_reachable", lambda: False)
     monkeypatch.setattr("gpt2lite.tasks.docstrings.pretraining_texts", lambda **kwargs: TEXTS)  # a small corpus
     base = experiment.load_base_model("gpt2", fallback_pretrain=tiny(steps=2))
     assert base.kind == "offline-pretrained" and base.random_init is False

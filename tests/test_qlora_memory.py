@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
-from gpt2lite.hf import CheckpointError
+from gpt2lite.hub.pretrained import CheckpointError
 from gpt2lite.peft import quantize_nf4
-from gpt2lite.peft.qlora import NF4Linear
+from gpt2lite.peft.lora.quantized import NF4Linear
 
 from conftest import REPO_ROOT, hf_gpt2_config
 
@@ -67,7 +67,7 @@ def test_from_a_bin_checkpoint_with_a_warning(tmp_path, tiny_hf_dir, caplog):
 
     shutil.copy(tiny_hf_dir / "config.json", tmp_path / "config.json")  # an older transformers' layout
     torch.save(load_file(str(tiny_hf_dir / "model.safetensors")), tmp_path / "pytorch_model.bin")
-    with caplog.at_level(logging.WARNING, logger="gpt2lite.quantized_load"):
+    with caplog.at_level(logging.WARNING, logger="gpt2lite.hub.quantized"):
         loaded = GPT2.from_pretrained(str(tmp_path), quantize="nf4")
     assert "reading the whole pytorch_model.bin" in caplog.text
     assert_same_model(loaded, load_then_quantize(tiny_hf_dir))

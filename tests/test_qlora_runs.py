@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from gpt2lite.base_model import copy_for_run, load_base_model
+from gpt2lite.experiment.base_model import copy_for_run, load_base_model
 from gpt2lite.peft import MethodConfig, quantize_nf4
 
 SAVE_MEDIUM = textwrap.dedent("""
@@ -76,7 +76,7 @@ def test_a_qlora_runs_copy_of_a_float_base_is_read_again_in_4_bits(tiny_hf_dir, 
     the deep copy quantized afterwards, the classifier's new random score head included; no float copy is made."""
     import copy
 
-    import gpt2lite.base_model
+    import gpt2lite.experiment.base_model
 
     torch.manual_seed(0)
     base = load_base_model(str(tiny_hf_dir), num_labels=3)
@@ -88,7 +88,7 @@ def test_a_qlora_runs_copy_of_a_float_base_is_read_again_in_4_bits(tiny_hf_dir, 
     def no_deepcopy(value, memo=None):
         raise AssertionError("a float copy of the base was made for a QLoRA run")
 
-    monkeypatch.setattr(gpt2lite.base_model.copy, "deepcopy", no_deepcopy)
+    monkeypatch.setattr(gpt2lite.experiment.base_model.copy, "deepcopy", no_deepcopy)
     model = copy_for_run(base, qlora)
     monkeypatch.undo()
     state, reference = model.state_dict(), expected.state_dict()

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gpt2lite import GPT2, GPT2Config
-from gpt2lite.report import RANDOM_INIT_NOTE, columns_for, method_row, model_size_mb, write_report
+from gpt2lite.experiment.report import RANDOM_INIT_NOTE, columns_for, method_row, model_size_mb, write_report
 
 
 def summary(train_losses, val_losses, **extra):

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config
-from gpt2lite.checkpoint import load_checkpoint
-from gpt2lite.hf import CheckpointError
-from gpt2lite.optim import lr_factor
-from gpt2lite.train import TrainConfig, train
+from gpt2lite.training.checkpoint import load_checkpoint
+from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.training.optim import lr_factor
+from gpt2lite.training.loop import TrainConfig, train
 from train_helpers import collate_lm, lm_examples, resume_config, tiny_model
 
 
@@ -174,7 +174,7 @@ def test_resume_with_a_changed_lr_betas_and_weight_decay_uses_the_new_values(tmp
     with pytest.raises(Crash):  # dies at step 5; the last checkpoint is from step 3
         train(tiny_model(0), data, resume_config(tmp_path, weight_decay=0.01), collate_fn=collate_lm, on_log=crash_at(5))
     changed = dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)
-    with caplog.at_level(logging.WARNING, logger="gpt2lite.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gpt2lite.training.checkpoint"):
         train(tiny_model(0), data, resume_config(tmp_path, resume_from=str(tmp_path / "checkpoint.pt"), **changed),
               collate_fn=collate_lm, on_log=keep_step_6_checkpoint)
     logged = {r["step"]: r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if r["type"] == "train"}

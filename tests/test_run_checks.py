@@ -9,9 +9,9 @@ from train_helpers import collate_lm, lm_examples, tiny_model
 
 import gpt2lite.cli.pipeline
 from gpt2lite.cli import run
-from gpt2lite.data import DataConfig
+from gpt2lite.tasks.splits import DataConfig
 from gpt2lite.peft import MethodConfig
-from gpt2lite.train import TrainConfig, evaluate_loss, train
+from gpt2lite.training.loop import TrainConfig, evaluate_loss, train
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_evaluate_reports_what_the_adapter_trains_as_peft_counts_it(method, head
     peft's count (the adapter, and a classifier's score head copy), not every parameter of the model."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from gpt2lite.report import method_row
+    from gpt2lite.experiment.report import method_row
 
     base = tiny_hf_dir if head == "lm" else tiny_hf_classifier_dir
     cls = transformers.GPT2LMHeadModel if head == "lm" else transformers.GPT2ForSequenceClassification

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from gpt2lite.cli import run
-from gpt2lite.search import SearchConfig, run_search, space_for
+from gpt2lite.experiment.search import SearchConfig, run_search, space_for
 
 pytest.importorskip("optuna")
 
@@ -182,7 +182,7 @@ def test_slots_skip_interrupted_trials_that_were_rerun_and_surplus_trials():
     """The total a search counts: an interrupted trial's rerun holds its slot, a surplus trial holds none."""
     from types import SimpleNamespace
 
-    from gpt2lite.search_study import slot_holders, slot_of
+    from gpt2lite.experiment.search_study import slot_holders, slot_of
 
     def trial(number, retry_history=(), surplus=False):
         system_attrs = {"retry_history": list(retry_history), "failed_trial": retry_history[0]} if retry_history else {}

@@ -13,7 +13,7 @@ later flags override it. Only this package imports jsonargparse and PyYAML; the 
 
 def run(argv=None):
     """Parse argv (default sys.argv[1:]) and run the subcommand; returns what the subcommand returns."""
-    from .parser import run as run_parsed
+    from gpt2lite.cli.parser import run as run_parsed
 
     return run_parsed(argv)
 

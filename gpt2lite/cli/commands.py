@@ -11,14 +11,14 @@ import os
 import time
 from typing import Optional, Tuple
 
-from ..data import DataConfig, load_splits
-from ..generate import GenerationConfig
-from ..peft import MethodConfig
-from ..pretrain import PretrainConfig
-from ..search import SearchConfig
-from ..seed import seed_everything
-from ..train import TrainConfig
-from .pipeline import Run
+from gpt2lite.tasks.splits import DataConfig, load_splits
+from gpt2lite.generation.decoding import GenerationConfig
+from gpt2lite.peft import MethodConfig
+from gpt2lite.experiment.pretrain import PretrainConfig
+from gpt2lite.experiment.search import SearchConfig
+from gpt2lite.seed import seed_everything
+from gpt2lite.training.loop import TrainConfig
+from gpt2lite.cli.pipeline import Run
 
 DEFAULT_RUNS = (Run(), Run(MethodConfig(name="full")), Run(MethodConfig(name="lora")))
 
@@ -88,8 +88,8 @@ def _fallback(fallback: bool, fallback_model: str, pretrain: PretrainConfig):
 
 
 def _train_and_report(runs, model, data, train, generation, search, fallback, nested: bool, title: str) -> dict:
-    from ..report import write_report
-    from .pipeline import prepare, run_one
+    from gpt2lite.experiment.report import write_report
+    from gpt2lite.cli.pipeline import prepare, run_one
 
     started = time.perf_counter()
     seed_everything(train.seed)  # before the base model is built: a classifier's new score head is random
@@ -144,12 +144,12 @@ def evaluate(model: Optional[str] = None, adapter: Optional[str] = None, data: D
 
     The process is seeded with data.seed, so sampled generations (temperature > 0) repeat.
     """
-    from ..task_builders import build_task, infer_num_labels
-    from ..report import method_row, write_report
-    from ..tasks import collate
-    from ..tokenizer import Tokenizer
-    from ..train import evaluate_loss
-    from .pipeline import load_for_inference, write_jsonl
+    from gpt2lite.tasks.builders import build_task, infer_num_labels
+    from gpt2lite.experiment.report import method_row, write_report
+    from gpt2lite.tasks import collate
+    from gpt2lite.tokenizer import Tokenizer
+    from gpt2lite.training.loop import evaluate_loss
+    from gpt2lite.cli.pipeline import load_for_inference, write_jsonl
 
     seed_everything(data.seed)  # generation with temperature > 0 samples
     splits = load_splits(data)
@@ -187,7 +187,7 @@ def generate(model: Optional[str] = None, adapter: Optional[str] = None, prompt:
         batch_size: prompts per batch.
         device: cpu, cuda, cuda:1 (default: cuda when available).
     """
-    from .inference import generate_from_prompts
+    from gpt2lite.cli.inference import generate_from_prompts
 
     return generate_from_prompts(model, adapter, prompt, prompts, column, template, generation, output,
                                  batch_size, device)
@@ -201,10 +201,10 @@ def merge(adapter: str, output: str, model: Optional[str] = None) -> str:
         output: the directory of the merged checkpoint (config.json, model.safetensors, tokenizer files).
         model: the base model; default: the adapter's base_model_name_or_path.
     """
-    from ..peft import merge_and_unload
-    from ..peft.adapter_io import read_adapter_config, resolve_adapter
-    from ..peft.lora import lora_layers
-    from .pipeline import load_for_inference, save_model
+    from gpt2lite.peft import merge_and_unload
+    from gpt2lite.peft.adapter_io import read_adapter_config, resolve_adapter
+    from gpt2lite.peft.lora.layer import lora_layers
+    from gpt2lite.cli.pipeline import load_for_inference, save_model
 
     loaded, description = load_for_inference(model, adapter, device="cpu")
     if not lora_layers(loaded):

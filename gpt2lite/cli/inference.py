@@ -13,12 +13,12 @@ from typing import List, Optional
 
 import torch
 
-from ..data import DEFAULT_COLUMNS
-from ..task_builders import generate_texts
-from ..tasks import DEFAULT_TEMPLATE, build_generation_prompts, load_table
-from ..tasks.loading import as_list, require_columns
-from ..tokenizer import Tokenizer
-from .pipeline import load_for_inference, write_jsonl
+from gpt2lite.tasks.splits import DEFAULT_COLUMNS
+from gpt2lite.tasks.builders import generate_texts
+from gpt2lite.tasks import DEFAULT_TEMPLATE, build_generation_prompts, load_table
+from gpt2lite.tasks.loading import as_list, require_columns
+from gpt2lite.tokenizer import Tokenizer
+from gpt2lite.cli.pipeline import load_for_inference, write_jsonl
 
 RUN_CONFIG = "config.yaml"
 
@@ -99,7 +99,7 @@ def generate_from_prompts(model, adapter, prompt, prompts, column, template, gen
 
 @torch.no_grad()
 def _classify(model, ids, tokenizer, batch_size: int) -> List[int]:
-    from ..tokenizer import pad_batch
+    from gpt2lite.tokenizer import pad_batch
 
     device = next(model.parameters()).device
     classes = []

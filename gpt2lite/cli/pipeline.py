@@ -21,18 +21,18 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..base_model import BaseModel, load_base_model
-from ..data import DataConfig, load_splits
-from ..experiment import run_method
-from ..generate import GenerationConfig
-from ..files import atomic_write_text
-from ..peft import MethodConfig
-from ..search import SearchConfig, run_search, space_for
-from ..task_builders import build_task, infer_num_labels, virtual_tokens
-from ..tasks import subset
-from ..tokenizer import Tokenizer
-from ..train import TrainConfig
-from .tokenizer_files import save_tokenizer_files
+from gpt2lite.experiment.base_model import BaseModel, load_base_model
+from gpt2lite.tasks.splits import DataConfig, load_splits
+from gpt2lite.experiment.runs import run_method
+from gpt2lite.generation.decoding import GenerationConfig
+from gpt2lite.files import atomic_write_text
+from gpt2lite.peft import MethodConfig
+from gpt2lite.experiment.search import SearchConfig, run_search, space_for
+from gpt2lite.tasks.builders import build_task, infer_num_labels, virtual_tokens
+from gpt2lite.tasks import subset
+from gpt2lite.tokenizer import Tokenizer
+from gpt2lite.training.loop import TrainConfig
+from gpt2lite.hub.tokenizer_files import save_tokenizer_files
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt", "prefix", "ia3")
 
@@ -133,8 +133,8 @@ def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search:
 
 def merged_row(run: Run, result, setup: Setup) -> dict:
     """The report row of the run's LoRA merged into the weights (merge_and_unload)."""
-    from ..peft import merge_and_unload
-    from ..report import method_row
+    from gpt2lite.peft import merge_and_unload
+    from gpt2lite.experiment.report import method_row
 
     if run.method is None or run.method.name not in ("lora", "qlora"):
         raise ValueError(f"run {run.name!r}: merged_row needs a lora or qlora method")
@@ -147,7 +147,7 @@ def merged_row(run: Run, result, setup: Setup) -> dict:
 def save_outputs(model, method: Optional[MethodConfig], predictions: List[dict], output_dir: str,
                  base_reference: Optional[str]) -> None:
     """adapter/ or model/ (see the module docstring) and predictions.jsonl."""
-    from ..peft import save_adapter
+    from gpt2lite.peft import save_adapter
 
     os.makedirs(output_dir, exist_ok=True)
     if method is not None and method.name in ADAPTER_METHODS:
@@ -220,10 +220,10 @@ def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchCon
 def best_trial_result(run: Run, setup: Setup, method: MethodConfig, config: TrainConfig, found: dict):
     """The best trial's model rebuilt from its folder (it may have run in another process), scored on the
     test split."""
-    from ..checkpoint import load_trainable
-    from ..experiment import MethodResult
-    from ..peft import apply
-    from ..report import method_row
+    from gpt2lite.training.checkpoint import load_trainable
+    from gpt2lite.experiment.runs import MethodResult
+    from gpt2lite.peft import apply
+    from gpt2lite.experiment.report import method_row
 
     trial_dir = os.path.join(config.output_dir, f"trial_{found['best_trial']}")
     if not os.path.isfile(os.path.join(trial_dir, "summary.json")):
@@ -245,9 +245,9 @@ def load_for_inference(model: Optional[str], adapter: Optional[str], device: Opt
                        num_labels: Optional[int] = None):
     """(model, description): a full checkpoint (`model`), or a base model with `adapter` loaded into it;
     the base is `model` when given, else the adapter's base_model_name_or_path."""
-    from ..model import GPT2, GPT2ForSequenceClassification
-    from ..peft import load_adapter
-    from ..peft.adapter_io import read_adapter_config, resolve_adapter
+    from gpt2lite.model.gpt2 import GPT2, GPT2ForSequenceClassification
+    from gpt2lite.peft import load_adapter
+    from gpt2lite.peft.adapter_io import read_adapter_config, resolve_adapter
 
     if model is None and adapter is None:
         raise ValueError("give --model (a checkpoint directory or hub id) or --adapter (an adapter directory)")

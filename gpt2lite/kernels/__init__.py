@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import loss as textbook_loss
-from .attention import scaled_dot_product_attention
-from .linear import FastLinear, is_plain_linear, linear
-from .loss import causal_lm_loss
+from gpt2lite import loss as textbook_loss
+from gpt2lite.kernels.attention import scaled_dot_product_attention
+from gpt2lite.kernels.linear import FastLinear, is_plain_linear, linear
+from gpt2lite.kernels.loss import causal_lm_loss
 
 # slot name -> (textbook function, fast function); a module declares a slot by holding the textbook one
 SLOTS = {

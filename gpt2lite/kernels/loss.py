@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..loss import all_positions_loss, labelled_positions
-from .linear import is_plain_linear, linear
+from gpt2lite.loss import all_positions_loss, labelled_positions
+from gpt2lite.kernels.linear import is_plain_linear, linear
 
 CHUNK_SIZE = 512  # positions per chunk: chunk x 50,257 float32 logits = 103 MB
 

@@ -19,7 +19,7 @@ from typing import Iterable, List, Tuple, Type
 
 import torch.nn as nn
 
-from .modules_to_save import add_modules_to_save
+from gpt2lite.peft.modules_to_save import add_modules_to_save
 
 
 def train_only(model: nn.Module, parameters: Iterable[nn.Parameter]) -> nn.Module:

@@ -20,12 +20,12 @@ from typing import Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError
-from ..files import atomic_write, atomic_write_text, read_json_object
-from ..hf import resolve
-from .inject import unchanged_on_error
-from .peft_format import IA3Format, LoRAFormat, PeftFormat, peft_tensors
-from .prompt_learning_format import PrefixFormat, PromptFormat
+from gpt2lite.errors import CheckpointError
+from gpt2lite.files import atomic_write, atomic_write_text, read_json_object
+from gpt2lite.hub.pretrained import resolve
+from gpt2lite.model.surgery import unchanged_on_error
+from gpt2lite.peft.peft_format import IA3Format, LoRAFormat, PeftFormat, peft_tensors
+from gpt2lite.peft.prompt_learning_format import PrefixFormat, PromptFormat
 
 logger = logging.getLogger(__name__)
 

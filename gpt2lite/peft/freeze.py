@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .adapter import classifier_head_parameters, is_classifier, train_only
+from gpt2lite.peft.adapter import classifier_head_parameters, is_classifier, train_only
 
 LM_HEAD_CHOICES = ("none", "tied", "untied")
 

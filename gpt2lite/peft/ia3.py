@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..architectures import default_targets
-from ..kernels import is_plain_linear
-from .adapter import adapter_parameters, train_classifier_head, train_only
-from .inject import as_patterns, find_targets, matches, replace_modules, unchanged_on_error
+from gpt2lite.model.architectures import default_targets
+from gpt2lite.kernels import is_plain_linear
+from gpt2lite.peft.adapter import adapter_parameters, train_classifier_head, train_only
+from gpt2lite.model.surgery import as_patterns, find_targets, matches, replace_modules, unchanged_on_error
 
 
 class IA3Linear(nn.Module):

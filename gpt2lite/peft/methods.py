@@ -22,11 +22,11 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch.nn as nn
 
-from ..architectures import default_targets
-from ..dtypes import DTYPES
-from .adapter import is_classifier
-from .freeze import LM_HEAD_CHOICES, add_bitfit, freeze_layers, frozen_baseline, full_finetuning
-from .lora import BIAS_MODES, add_lora
+from gpt2lite.model.architectures import default_targets
+from gpt2lite.dtypes import DTYPES
+from gpt2lite.peft.adapter import is_classifier
+from gpt2lite.peft.freeze import LM_HEAD_CHOICES, add_bitfit, freeze_layers, frozen_baseline, full_finetuning
+from gpt2lite.peft.lora.layer import BIAS_MODES, add_lora
 
 METHODS = ("full", "frozen", "lora", "qlora", "prompt", "prefix", "last_n", "bitfit", "ia3")
 
@@ -162,7 +162,7 @@ def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn
         return add_bitfit(model)
     if name in ("lora", "qlora"):
         if name == "qlora":
-            from .qlora import quantize_unless_quantized
+            from gpt2lite.peft.lora.quantized import quantize_unless_quantized
 
             quantize_unless_quantized(model, DTYPES[config.compute_dtype], config.double_quant)
         saved = list(config.modules_to_save or ())
@@ -173,13 +173,13 @@ def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn
                         dropout=config.dropout, bias=config.bias, rslora=config.rslora, dora=config.dora,
                         layers_to_transform=config.layers_to_transform, modules_to_save=saved or None)
     if name == "prompt":
-        from .prompt import add_soft_prompt
+        from gpt2lite.peft.prompt import add_soft_prompt
 
         return add_soft_prompt(model, n_tokens=config.n_tokens, init_text=config.init_text)
     if name == "prefix":
-        from .prefix import add_prefix
+        from gpt2lite.peft.prefix import add_prefix
 
         return add_prefix(model, n_tokens=config.n_tokens, projection=config.projection)
-    from .ia3 import add_ia3
+    from gpt2lite.peft.ia3 import add_ia3
 
     return add_ia3(model)

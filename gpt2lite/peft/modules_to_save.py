@@ -16,7 +16,7 @@ from typing import List, Sequence
 
 import torch.nn as nn
 
-from .inject import as_patterns, find_targets, matches, replace_modules
+from gpt2lite.model.surgery import as_patterns, find_targets, matches, replace_modules
 
 logger = logging.getLogger(__name__)
 

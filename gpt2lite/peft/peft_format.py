@@ -29,13 +29,13 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from ..architectures import stores_transposed
-from ..errors import CheckpointError
-from .adapter import classifier_head_parameters
-from .ia3 import add_ia3_layers, ia3_layers
-from .inject import select_modules
-from .lora import DoRALinear, LoRALinear, add_lora, lora_biases, lora_layers
-from .modules_to_save import modules_to_save_of
+from gpt2lite.model.architectures import stores_transposed
+from gpt2lite.errors import CheckpointError
+from gpt2lite.peft.adapter import classifier_head_parameters
+from gpt2lite.peft.ia3 import add_ia3_layers, ia3_layers
+from gpt2lite.model.surgery import select_modules
+from gpt2lite.peft.lora.layer import DoRALinear, LoRALinear, add_lora, lora_biases, lora_layers
+from gpt2lite.peft.modules_to_save import modules_to_save_of
 
 PREFIX = "base_model.model."
 

@@ -7,7 +7,7 @@ Layer i reads its keys from slice 2i and its values from slice 2i+1, as peft lay
 
 It is injected into the model (`model.transformer.virtual_tokens`, see virtual_tokens.py) as the first n
 positions of the attention cache: without a KV cache a one-pass `PrefixCache` holds it; with
-gpt2lite.generate's KVCache it is written into the cache at the first call (generate reserves
+gpt2lite.generation.decoding's KVCache it is written into the cache at the first call (generate reserves
 `model.num_virtual_tokens` slots). As with peft and transformers' GPT-2, real tokens take positions n,
 n+1, ... (passed position ids are shifted by n) and the attention mask gains n leading ones.
 """
@@ -19,12 +19,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .virtual_tokens import VirtualTokens, check_virtual_tokens, install, mask_with_virtual_tokens
+from gpt2lite.peft.virtual_tokens import VirtualTokens, check_virtual_tokens, install, mask_with_virtual_tokens
 
 
 class PrefixCache:
     """A read-only cache for one forward pass: the prefix keys/values (B, nh, n, hs) of each layer, to
-    which update() appends the current keys/values (the KV-cache protocol of gpt2lite.generate)."""
+    which update() appends the current keys/values (the KV-cache protocol of gpt2lite.generation.decoding)."""
 
     def __init__(self, keys, values):
         self.keys, self.values = keys, values  # lists over layers of (B, nh, n, hs)

@@ -6,7 +6,7 @@ the input embeddings; everything else is frozen.
     mask          1 .. 1,     attention_mask  the prompt is always attended to
     output                    h_1 .. h_T      the prompt's own outputs are dropped
 
-Position ids passed in count real tokens from 0 (gpt2lite.generate derives them from the mask, so left
+Position ids passed in count real tokens from 0 (gpt2lite.generation.decoding derives them from the mask, so left
 padding does not shift them); the prompt adds n. With a KV cache the prompt is prepended once, at the
 first call, and occupies n cache slots (see virtual_tokens.py for what prompts and prefixes share).
 """
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .virtual_tokens import VirtualTokens, check_virtual_tokens, install, mask_with_virtual_tokens
+from gpt2lite.peft.virtual_tokens import VirtualTokens, check_virtual_tokens, install, mask_with_virtual_tokens
 
 INITS = ("random", "vocab", "text")
 
@@ -90,7 +90,7 @@ def add_soft_prompt(model: nn.Module, n_tokens: int, init_text: Optional[str] = 
 def text_token_ids(text: str, n_tokens: int, tokenizer=None) -> torch.Tensor:
     """The tokens of `text`, repeated or truncated to exactly n_tokens (peft's TEXT initialisation)."""
     if tokenizer is None:
-        from ..tokenizer import Tokenizer
+        from gpt2lite.tokenizer import Tokenizer
 
         tokenizer = Tokenizer()
     ids = list(tokenizer.encode(text))

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Type
 
-from ..errors import CheckpointError
-from .peft_format import PeftFormat, classifier_modules_to_save, score_head_hint, task_type
-from .prefix import Prefix, add_prefix
-from .prompt import SoftPrompt, add_soft_prompt
-from .virtual_tokens import VirtualTokens
+from gpt2lite.errors import CheckpointError
+from gpt2lite.peft.peft_format import PeftFormat, classifier_modules_to_save, score_head_hint, task_type
+from gpt2lite.peft.prefix import Prefix, add_prefix
+from gpt2lite.peft.prompt import SoftPrompt, add_soft_prompt
+from gpt2lite.peft.virtual_tokens import VirtualTokens
 
 PEFT_INIT_NAMES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 

@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from .adapter import train_classifier_head, train_only
+from gpt2lite.peft.adapter import train_classifier_head, train_only
 
 
 class VirtualTokens(nn.Module):

@@ -1,12 +1,13 @@
 """The three seed tasks: summarization, language modelling, classification, and how their data is loaded."""
 
-from ..errors import DataError
-from .batching import Examples, LengthGroupedSampler, collate
-from .classification import build_classification, check_labels, predict_classes
-from .docstrings import docstring_corpus
-from .language_modeling import Perplexity, build_lm_blocks, sliding_window_perplexity, tokenize_stream
-from .loading import check_json_file, load_table, require_columns, subset
-from .summarization import DEFAULT_TEMPLATE, build_generation_prompts, build_summarization, generate_summaries
+from gpt2lite.errors import DataError
+from gpt2lite.tasks.batching import Examples, LengthGroupedSampler, collate
+from gpt2lite.tasks.classification import build_classification, check_labels, predict_classes
+from gpt2lite.tasks.docstrings import docstring_corpus
+from gpt2lite.tasks.language_modeling import Perplexity, build_lm_blocks, sliding_window_perplexity, tokenize_stream
+from gpt2lite.tasks.loading import check_json_file, load_table, require_columns, subset
+from gpt2lite.tasks.summarization import (DEFAULT_TEMPLATE, build_generation_prompts, build_summarization,
+                                         generate_summaries)
 
 __all__ = [
     "DataError", "load_table", "subset", "require_columns", "check_json_file",

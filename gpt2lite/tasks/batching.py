@@ -6,8 +6,8 @@ from typing import Dict, Iterator, List, Sequence
 
 import torch
 
-from ..loss import IGNORE_INDEX
-from ..tokenizer import pad_batch
+from gpt2lite.loss import IGNORE_INDEX
+from gpt2lite.tokenizer import pad_batch
 
 
 class Examples(torch.utils.data.Dataset):

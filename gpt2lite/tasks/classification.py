@@ -15,9 +15,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ..errors import DataError
-from .batching import Examples, collate
-from .loading import as_list, require_columns
+from gpt2lite.errors import DataError
+from gpt2lite.tasks.batching import Examples, collate
+from gpt2lite.tasks.loading import as_list, require_columns
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..errors import DataError
-from ..loss import IGNORE_INDEX
-from .batching import Examples
+from gpt2lite.errors import DataError
+from gpt2lite.loss import IGNORE_INDEX
+from gpt2lite.tasks.batching import Examples
 
 
 def tokenize_stream(texts: Sequence[str], tokenizer, separator: str = "") -> List[int]:

@@ -13,8 +13,8 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
-from ..errors import DataError
-from ..hf import offline_switch
+from gpt2lite.errors import DataError
+from gpt2lite.hub.pretrained import offline_switch
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..errors import DataError
-from ..loss import IGNORE_INDEX
-from .batching import Examples
-from .loading import as_list, require_columns
+from gpt2lite.errors import DataError
+from gpt2lite.loss import IGNORE_INDEX
+from gpt2lite.tasks.batching import Examples
+from gpt2lite.tasks.loading import as_list, require_columns
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def build_generation_prompts(table, tokenizer, source_column: str = "article", t
 def generate_summaries(model, prompts: Examples, tokenizer, max_new_tokens: int = 64, batch_size: int = 8,
                        device=None, temperature: float = 0.0, seed: Optional[int] = None) -> List[str]:
     """Greedy (or sampled) continuations of each prompt, cut at <|endoftext|>, as text."""
-    from ..generate import generate
-    from ..tokenizer import pad_batch
+    from gpt2lite.generation.decoding import generate
+    from gpt2lite.tokenizer import pad_batch
 
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training

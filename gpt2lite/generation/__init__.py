@@ -1,0 +1,1 @@
+"""Decoding: GenerationConfig, KVCache and generate (decoding), beam search, logits processors."""

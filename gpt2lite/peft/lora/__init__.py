@@ -1,0 +1,1 @@
+"""LoRA and DoRA: the layers (layer), and LoRA over 4-bit base layers (quantized)."""

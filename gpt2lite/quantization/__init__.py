@@ -1,0 +1,1 @@
+"""4-bit NormalFloat (NF4) storage of base weights."""
