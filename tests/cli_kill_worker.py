@@ -1,4 +1,4 @@
-"""Run by tests/test_repeatable_runs.py: `gpt2lite <argv[2:]>` in this process, killed outright (SIGKILL: no
+"""Run by tests/cli/test_repeatable_runs.py: `gpt2lite <argv[2:]>` in this process, killed outright (SIGKILL: no
 handler, no cleanup) right after step argv[1] is logged."""
 
 import os

@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py under `python -m torch.distributed.run --nproc_per_node 2`: trains the tiny model
+"""Run by tests/training/test_ddp.py under `python -m torch.distributed.run --nproc_per_node 2`: trains the tiny model
 for 2 steps with gloo DDP and saves the first step's gradients, each rank's last gradients and the summary to the directory in argv[1]."""
 
 import dataclasses

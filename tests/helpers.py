@@ -52,3 +52,17 @@ def adamw_steps(model, ids, steps, lr, weight_decay=0.01, labels=None) -> list:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses
+
+
+def batch(B=3, T=12, seed=0, padding="left", vocab=50000):
+    """Random token ids below the pad id 50256, with a (B, T) mask: row 0 full, the others padded with 50256."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if padding is not None:
+        for row in range(1, B):
+            n_pad = min(T - 1, 3 * row)
+            pad = slice(0, n_pad) if padding == "left" else slice(T - n_pad, T)
+            mask[row, pad] = 0
+            ids[row, pad] = 50256
+    return ids, mask

@@ -1,4 +1,4 @@
-"""Run by tests/test_resume.py: trains the resume tests' run and kills its own process with SIGKILL right
+"""Run by tests/training/test_resume.py: trains the resume tests' run and kills its own process with SIGKILL right
 after step 5 is logged (the last checkpoint is from step 3)."""
 
 import os

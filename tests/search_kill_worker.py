@@ -1,4 +1,4 @@
-"""Run by tests/test_search.py: `gpt2lite <argv>` whose process kills itself with SIGKILL (no handler, no
+"""Run by tests/experiment/test_search.py: `gpt2lite <argv>` whose process kills itself with SIGKILL (no handler, no
 cleanup) once trial 2, the search's third, has trained its first step."""
 
 import os

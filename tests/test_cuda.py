@@ -41,10 +41,9 @@ from gpt2lite.peft import LoRALinear, add_lora, load_adapter, quantize_nf4, save
 from gpt2lite.peft.lora.layer import lora_trainable_parameters  # noqa: E402
 from gpt2lite.quantization.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa: E402
 from gpt2lite.training.loop import TrainConfig, train  # noqa: E402
-from helpers import TOKENS  # noqa: E402
-from train_helpers import collate_lm, lm_examples, pattern_examples, resume_config, tiny_model  # noqa: E402
-from test_hf import batch  # noqa: E402
-from test_resume import Crash, crash_at  # noqa: E402
+from helpers import TOKENS, batch  # noqa: E402
+from train_helpers import (Crash, collate_lm, crash_at, lm_examples, pattern_examples, resume_config,  # noqa: E402
+                           tiny_model)
 
 transformers = pytest.importorskip("transformers")
 
@@ -354,7 +353,7 @@ def test_train_on_device_in_each_precision(tmp_path, precision):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_on_device_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path, deterministic, precision):
-    """As tests/test_resume.py, on the device: dropout on, a crash at step 5, resumed from the step-3
+    """As tests/training/test_resume.py, on the device: dropout on, a crash at step 5, resumed from the step-3
     checkpoint into a model with other weights; losses, validation losses and final weights equal those of
     the uninterrupted run exactly. Exact because the kernels are deterministic (fixture) and the checkpoint
     restores the CUDA generator that draws the dropout masks."""
@@ -442,7 +441,7 @@ def test_nf4_model_on_device(tiny_hf_dir):
 
 def test_qlora_bf16_training_on_device_keeps_the_4bit_weights(tmp_path):
     """QLoRA as used: NF4 base computing in bf16, bf16 autocast, LoRA adapters (float32) trained by AdamW on
-    a fixed batch, all on the device: the loss falls (as tests/test_nf4.py requires on the CPU: last < 0.9 x
+    a fixed batch, all on the device: the loss falls (as tests/quantization/test_nf4.py requires on the CPU: last < 0.9 x
     first, and the lowest), the packed weights, constants and frozen biases stay bit-identical."""
     torch.manual_seed(2)
     config = GPT2Config.from_name("tiny").replace(vocab_size=512, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)

@@ -63,3 +63,15 @@ def resume_config(output_dir, **overrides):
     return TrainConfig(**{**dict(output_dir=str(output_dir), lr=3e-3, batch_size=2, grad_accum=2, epochs=None,
                                  max_steps=8, warmup_steps=2, eval_every=2, save_every=3, clip=0.5,
                                  progress_bar=False, seed=3), **overrides})
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step):
+    """An on_log callback that kills the run when step `step` is logged (after its update, before any save)."""
+    def on_log(record):
+        if record["type"] == "train" and record["step"] == step:
+            raise Crash(f"simulated crash at step {step}")
+    return on_log

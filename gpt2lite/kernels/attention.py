@@ -2,7 +2,7 @@
 attention dropout.
 
 What it buys: a third less activation memory and a faster step when training on the CPU with dropout
-(benchmarks/run.py, README "Performance"; tests/test_attention.py). Everywhere else it is PyTorch's function.
+(benchmarks/run.py, README "Performance"; tests/model/test_attention.py). Everywhere else it is PyTorch's function.
 
 With dropout on, PyTorch's CPU scaled_dot_product_attention takes its plain math path: it keeps the
 (B, nh, T, S) scores, probabilities and dropped probabilities for backward (about 40 MB per GPT-2 block at

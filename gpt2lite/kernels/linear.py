@@ -5,7 +5,7 @@ takes its AVX2 kernels; oneDNN, which PyTorch also ships, runs GPT-2's shapes fa
 LM head of a decoding step. On other CPUs the two are about even. The backward matmuls stay with MKL. The
 products and sums are the same, only their order differs (the last bits of float32). Anything else (CUDA,
 other dtypes, autocast, torch.compile, a PyTorch without oneDNN, `torch.backends.mkldnn.flags(enabled=False)`) is F.linear.
-Measured against transformers + peft: benchmarks/run.py (README, "Performance"); tests/test_linear.py.
+Measured against transformers + peft: benchmarks/run.py (README, "Performance"); tests/kernels/test_linear.py.
 """
 
 from __future__ import annotations

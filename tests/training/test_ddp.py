@@ -13,7 +13,7 @@ import torch
 from gpt2lite.training.loop import train
 from train_helpers import collate_lm, ddp_config, lm_examples, tiny_model
 
-WORKER = Path(__file__).with_name("ddp_train_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "ddp_train_worker.py"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -18,22 +18,10 @@ from gpt2lite.training.checkpoint import load_checkpoint
 from gpt2lite.hub.pretrained import CheckpointError
 from gpt2lite.training.optim import lr_factor
 from gpt2lite.training.loop import TrainConfig, train
-from train_helpers import collate_lm, lm_examples, resume_config, tiny_model
+from train_helpers import Crash, collate_lm, crash_at, lm_examples, resume_config, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    """An on_log callback that kills the run when step `step` is logged (after its update, before any save)."""
-    def on_log(record):
-        if record["type"] == "train" and record["step"] == step:
-            raise Crash(f"simulated crash at step {step}")
-    return on_log
 
 
 def lora_model(base_seed=0, adapter_seed=0):
@@ -133,7 +121,7 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
 def test_resume_after_a_real_sigkill(tmp_path):
     """The process is killed outright (SIGKILL: no exception handler, no cleanup) after step 5; resuming from
     its last checkpoint (step 3) reproduces the uninterrupted run's losses exactly."""
-    worker = Path(__file__).with_name("resume_kill_worker.py")
+    worker = Path(__file__).resolve().parents[1] / "resume_kill_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])}
     result = subprocess.run([sys.executable, str(worker), str(tmp_path / "killed")], env=env,
                             capture_output=True, text=True, timeout=240)

@@ -18,7 +18,7 @@ from gpt2lite.experiment.search import SearchConfig, run_search, space_for
 
 pytest.importorskip("optuna")
 
-KILL_WORKER = Path(__file__).with_name("search_kill_worker.py")
+KILL_WORKER = Path(__file__).resolve().parents[1] / "search_kill_worker.py"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 WORDS = "shares rose after the company reported strong earnings while analysts expected slower growth".split()
 

@@ -10,8 +10,7 @@ import torch
 from gpt2lite import GPT2, GPT2Config
 from gpt2lite.peft import apply
 from gpt2lite.training.loop import TrainConfig, train
-from test_resume import Crash, crash_at
-from train_helpers import collate_lm, lm_examples, resume_config, tiny_model
+from train_helpers import Crash, collate_lm, crash_at, lm_examples, resume_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

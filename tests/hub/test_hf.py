@@ -11,7 +11,7 @@ from conftest import NUM_LABELS, hf_gpt2_config
 import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
 from gpt2lite.model.architectures import ARCHITECTURES
-from helpers import hf_lm
+from helpers import batch, hf_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,20 +20,6 @@ TRANSPOSED = ARCHITECTURES["gpt2"].transposed  # HF Conv1D weights, stored (in, 
 
 def hf_classifier(directory):
     return transformers.GPT2ForSequenceClassification.from_pretrained(str(directory)).eval()
-
-
-def batch(B=3, T=12, seed=0, padding="left", vocab=50000):
-    """Random token ids below the pad id 50256, with a (B, T) mask: row 0 full, the others padded with 50256."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    if padding is not None:
-        for row in range(1, B):
-            n_pad = min(T - 1, 3 * row)
-            pad = slice(0, n_pad) if padding == "left" else slice(T - n_pad, T)
-            mask[row, pad] = 0
-            ids[row, pad] = 50256
-    return ids, mask
 
 
 def max_diff_at_real_tokens(ours, theirs, mask):
