@@ -29,7 +29,9 @@ setup(
         # transformers and peft are reference oracles for the tests, never imported by the library
         # bitsandbytes: its CPU NF4 path is the oracle for gpt2lite's 4-bit codes and the QLoRA benchmark reference
         "test": ["pytest>=8", "transformers==5.23.0", "peft==0.21.2", "bitsandbytes==0.50.2", "nbclient>=0.10",
-                 "nbformat>=5.9", "ipykernel>=6.29", "tensorboard>=2.16"],
+                 "nbformat>=5.9", "ipykernel>=6.29", "tensorboard>=2.16", "scikit-learn>=1.3"],
+        # classification: macro F1 and per-class precision/recall/F1/support (scikit-learn's classification_report)
+        "metrics": ["scikit-learn>=1.3"],
         "search": ["optuna>=3"],
         # a PostgreSQL storage shared by search workers on several machines (--search.storage postgresql://...)
         "search-postgres": ["optuna>=3", "psycopg2-binary>=2.9"],

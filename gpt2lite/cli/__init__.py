@@ -19,6 +19,10 @@ def run(argv=None):
 
 
 def main(argv=None) -> int:
-    """The console script: run the subcommand, exit status 0."""
-    run(argv)
-    return 0
+    """The console script: run the subcommand; exit status 0, or 2 with one message line for the library's own
+    errors (DataError, CheckpointError, invalid settings; the traceback with --debug or GPT2LITE_DEBUG=1)."""
+    import sys
+
+    from gpt2lite.cli.user_errors import report_errors
+
+    return report_errors(run, sys.argv[1:] if argv is None else list(argv))

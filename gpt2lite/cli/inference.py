@@ -65,7 +65,7 @@ def read_prompts(prompt: Optional[str], prompts: Optional[str], column: str) -> 
             texts = [line.rstrip("\n") for line in f if line.strip()]
     else:
         table = load_table(data_files=prompts)
-        require_columns(table, [column], prompts)
+        require_columns(table, [column], prompts, hint="Name the prompts' column with --column")
         texts = [t for t in as_list(table, column) if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError(f"{prompts} holds no prompt")

@@ -49,6 +49,8 @@ def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="gpt2lite", description=__import__("gpt2lite.cli").cli.__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true",  # read (and removed) by user_errors.report_errors
+                        help="show the traceback of an error (also GPT2LITE_DEBUG=1); anywhere on the line")
     subcommands = parser.add_subcommands(dest="command")
     parser.commands = {}  # name -> its parser
     for name, function in COMMANDS.items():

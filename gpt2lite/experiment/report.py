@@ -51,7 +51,7 @@ GENERATION_COLUMNS = [("bleu", "BLEU"), ("sacrebleu", "SacreBLEU"), ("rouge1", "
 QUALITY_COLUMNS = {
     "summarization": GENERATION_COLUMNS,
     "classification": [("accuracy", "Accuracy"), ("precision", "Precision (w)"), ("recall", "Recall (w)"),
-                       ("f1", "F1 (w)")],
+                       ("f1", "F1 (w)"), ("macro_f1", "F1 (macro)")],
     # perplexity on the test texts, then the scores of their generated continuations
     "language_modeling": [("perplexity", "Test perplexity"), ("perplexity_stride", "PPL stride")] + GENERATION_COLUMNS,
 }
@@ -107,7 +107,7 @@ def method_row(method: str, summary: Optional[dict] = None, model: Optional[torc
 
 def _format(key: str, value) -> str:
     if value is None:
-        return "unavailable" if key == "meteor" else "n/a"
+        return "unavailable" if key in ("meteor", "macro_f1") else "n/a"
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -135,7 +135,26 @@ def to_markdown(rows: Sequence[dict], task: str, title: str = "Comparison", rand
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
         lines.append("| " + " | ".join(_format(key, row.get(key)).replace("|", "/") for key, _ in columns) + " |")
+    if task == "classification":
+        lines += [line for row in rows for line in per_class_markdown(row)]
     return "\n".join(lines) + "\n"
+
+
+def per_class_markdown(row: dict) -> List[str]:
+    """A row's per-class table (scikit-learn's classification_report as markdown), or why there is none."""
+    title = f"## Per-class scores: {row['method']}"
+    if not row.get("per_class"):
+        reason = row.get("per_class_unavailable")
+        return ["", title, "", f"unavailable: {reason}"] if reason else []
+    lines = ["", title, "", "| Class | Precision | Recall | F1 | Support |", "|---|---|---|---|---|"]
+    total = sum(scores["support"] for scores in row["per_class"])
+    averages = (("macro avg", "macro_precision", "macro_recall", "macro_f1"),
+                ("weighted avg", "precision", "recall", "f1"))
+    table = [(c["label"], c["precision"], c["recall"], c["f1"], c["support"]) for c in row["per_class"]]
+    table += [(name, row.get(p), row.get(r), row.get(f), total) for name, p, r, f in averages]
+    for label, precision, recall, f1, support in table:
+        lines.append(f"| {label} | {_format('', precision)} | {_format('', recall)} | {_format('', f1)} | {support:,} |")
+    return lines
 
 
 def to_csv(rows: Sequence[dict], task: str) -> str:

@@ -212,12 +212,16 @@ def require_rows(table, where: str):
     return table
 
 
-def require_columns(table, columns: Sequence[str], where: str = "the dataset"):
-    """Raise DataError naming the columns that exist when one of `columns` is missing."""
+COLUMNS_HINT = ("Name the text and target columns with --data.input_column and --data.target_column "
+                "(DataConfig(input_column=..., target_column=...) in Python)")
+
+
+def require_columns(table, columns: Sequence[str], where: str = "the dataset", hint: str = COLUMNS_HINT):
+    """Raise DataError naming the columns that exist, and how to choose others, when one of `columns` is missing."""
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(f"{where} has no column {', '.join(map(repr, missing))}; its columns are "
-                        f"{table.column_names}. Choose others (e.g. --source-column/--target-column).")
+                        f"{table.column_names}. {hint}")
 
 
 def subset(table, data_fraction: float = 1.0, max_samples: Optional[int] = None, seed: int = 0):

@@ -13,16 +13,22 @@ All generation scores are on a 0-100 scale (higher is better, except TER, an edi
 - TER and chrF: sacrebleu.corpus_ter and sacrebleu.corpus_chrf with their defaults.
 - METEOR: nltk's meteor_score (mean over examples, whitespace tokens) when WordNet data is installed;
   otherwise None, with the reason in "meteor_unavailable" (never 0).
+- Classification: accuracy and support-weighted precision/recall/F1; macro precision/recall/F1 and per-class
+  precision/recall/F1/support from scikit-learn's classification_report (zero_division=0; the classes that
+  occur in the true or the predicted labels, as scikit-learn does), an optional extra: without it they are
+  None, with the reason (pip install 'gpt2lite[metrics]') in "per_class_unavailable".
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -140,7 +146,31 @@ def classification_metrics(y_true, y_pred, num_labels: Optional[int] = None) -> 
         "f1": float((f1 * weights).sum()),
         "confusion_matrix": matrix.tolist(),
         "n_examples": int(support.sum()),
+        **per_class_scores(y_true, y_pred),
     }
+
+
+SKLEARN_MISSING = "scikit-learn is not installed (pip install 'gpt2lite[metrics]', or pip install scikit-learn)"
+
+
+def per_class_scores(y_true, y_pred) -> Dict[str, object]:
+    """{"macro_precision", "macro_recall", "macro_f1", "per_class": [{"label", "precision", "recall", "f1",
+    "support"}, ...]} by scikit-learn's classification_report; None each, and "per_class_unavailable", without it."""
+    try:
+        from sklearn.metrics import classification_report
+    except ImportError:
+        logger.warning("classification: no macro F1 or per-class scores: %s", SKLEARN_MISSING)
+        return {"macro_precision": None, "macro_recall": None, "macro_f1": None, "per_class": None,
+                "per_class_unavailable": SKLEARN_MISSING}
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    report = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    labels = sorted(int(key) for key in report if key.lstrip("-").isdigit())
+    per_class = [{"label": label, "precision": float(scores["precision"]), "recall": float(scores["recall"]),
+                  "f1": float(scores["f1-score"]), "support": int(scores["support"])}
+                 for label, scores in ((label, report[str(label)]) for label in labels)]
+    macro = report["macro avg"]
+    return {"macro_precision": float(macro["precision"]), "macro_recall": float(macro["recall"]),
+            "macro_f1": float(macro["f1-score"]), "per_class": per_class}
 
 
 def perplexity(mean_token_loss: float) -> float:
