@@ -36,7 +36,6 @@ history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -46,7 +45,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import distributed
+from . import distributed, fsdp
 from .checkpoint import load_trainable, save_trainable
 from .files import atomic_write_text
 from .memory import peak_memory_mb
@@ -135,10 +134,10 @@ def _accumulate(run: Run, micro_batches: list):
         batch = to_device(batch, device)
         input_tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or not world.distributed else run.ddp_model.no_sync():
+        with fsdp.gradient_sync(run.ddp_model, last or not world.distributed):
             with autocast(device, run.precision):
                 loss = run.ddp_model(**batch)  # mean over this micro-batch's label tokens
-            # weight by its share of the step's tokens; DDP averages over processes, hence * world_size
+            # weight by its share of the step's tokens; DDP and FSDP average over processes, hence * world_size
             weight = count * world.world_size / max(step_tokens, 1)
             run.scaler.scale(loss.float() * weight).backward()
         loss_sum += loss.detach().float() * count
@@ -161,8 +160,8 @@ def _update(run: Run, loss: float, lr: float) -> float:
         optimizer.zero_grad(set_to_none=True)
         return float("nan")
     scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad],
-                                               run.config.clip or math.inf)
+    grad_norm = fsdp.clip_grad_norm([p for p in run.model.parameters() if p.requires_grad],
+                                    run.config.clip or math.inf)  # the global norm over all shards
     scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
     scaler.update()
     return float(grad_norm)
@@ -179,8 +178,10 @@ def _finish(run: Run, stopped_by: Optional[str]) -> dict:
         model_file = best_path
     else:
         model_file = run.path("final.safetensors")
-        if world.is_main:
-            save_trainable(run.model, model_file)
+        save_trainable(run.model, model_file, world)  # rank 0 writes (gathered from the shards under FSDP)
+    if fsdp.is_sharded(run.model):
+        run.optimizer.state.clear()
+        fsdp.consolidate(run.model)  # the whole model back on every rank, a plain module again
     # the last finite loss, with its step: after skipped (NaN) steps it is from before they began
     final_step, final_loss = state.final_train_loss()
     if final_step is not None and final_step < state.step:
