@@ -3,8 +3,9 @@
 
     cases    every method of CASES trained 4 steps with strategy "ddp" and then "fsdp" in the same process
              group: summaries, each rank's final trainable weights (after consolidation), the exports
-             (save_pretrained, save_adapter) from rank 0, and what each rank's 4-bit base held while sharded
-    crash    the full fine-tuning FSDP run, SIGKILLed by rank 0 at step 3 (after the checkpoint of step 2)
+             (save_pretrained, save_adapter) from rank 0, and what each rank's 4-bit base held while sharded;
+             then, in argv[3], the full fine-tuning FSDP run once more, SIGKILLed by rank 0 at step 3 (after
+             the checkpoint of step 2), which ends the launch (one launch fewer than a separate one)
     resume   that run resumed from its checkpoint-shards/ to the end
 """
 
@@ -76,22 +77,25 @@ def write_results(output_dir, method, strategy, model, summary, report):
             save_adapter(model, os.path.join(directory, "adapter"))
 
 
-def main(output_dir, mode):
+def main(output_dir, mode, crash_dir=None):
     torch.set_num_threads(1)
     if mode == "cases":
         for method in CASES:
             for strategy in ("ddp", "fsdp"):
                 write_results(output_dir, method, strategy, *train_case(output_dir, method, strategy))
-    elif mode == "crash":
+        dist.barrier()
+        if dist.get_rank() == 0:
+            open(os.path.join(output_dir, "cases_done"), "w").close()
+
         def kill_at_step_3(record):
             if record["type"] == "train" and record["step"] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        train_case(output_dir, "full", "fsdp", on_log=kill_at_step_3)
+        train_case(crash_dir, "full", "fsdp", on_log=kill_at_step_3)
     else:
         write_results(output_dir, "full", "fsdp", *train_case(output_dir, "full", "fsdp", resume=True))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -4,8 +4,8 @@ same losses over 4 steps and the same final weights; a SIGKILLed run resumes fro
 the uninterrupted run's weights, bit for bit; the consolidated export loads in transformers and peft with
 the one-process model's logits; while sharded, each rank's 4-bit base is uint8 shards, never a float copy.
 
-Three torchrun launches in all (tests/fsdp_train_worker.py): every case with DDP and FSDP in one process
-group, the run that is killed, and its resumption."""
+Two torchrun launches in all (tests/fsdp_train_worker.py): every case with DDP and FSDP in one process
+group followed by the run that is killed, and its resumption."""
 
 import json
 import os
@@ -26,18 +26,20 @@ WORKER = Path(__file__).with_name("fsdp_train_worker.py")
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
-def torchrun(output_dir: Path, mode: str):
+def torchrun(output_dir: Path, *args: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parents[1])}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-         str(output_dir), mode], env=env, capture_output=True, text=True, timeout=300)
+         str(output_dir), *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
+    """The cases' directory; its "crashed" subdirectory holds the killed run."""
     output_dir = tmp_path_factory.mktemp("fsdp")
-    result = torchrun(output_dir, "cases")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(output_dir, "cases", str(output_dir / "crashed"))
+    assert (output_dir / "cases_done").exists(), result.stderr[-3000:]
+    assert result.returncode != 0 and "SIGKILL" in result.stderr  # rank 0 killed itself in the last run
     return output_dir
 
 
@@ -107,21 +109,21 @@ def test_each_rank_holds_4bit_shards_and_no_float_copy(two_process_runs):
                 assert entry["local_numel"] < entry["weight_numel"] // 8, entry
 
 
-def test_sigkilled_fsdp_run_resumes_exactly_from_its_shards(two_process_runs, tmp_path):
-    crashed = torchrun(tmp_path, "crash")
-    assert crashed.returncode != 0  # rank 0 killed itself at step 3, after the checkpoint of step 2
-    meta = torch.load(tmp_path / "full-fsdp" / "checkpoint-shards" / "meta.pt", weights_only=True)
+def test_sigkilled_fsdp_run_resumes_exactly_from_its_shards(two_process_runs):
+    crashed = two_process_runs / "crashed"  # killed at step 3, after the checkpoint of step 2
+    meta = torch.load(crashed / "full-fsdp" / "checkpoint-shards" / "meta.pt", weights_only=True)
     assert meta["state"]["step"] == 2 and meta["world_size"] == 2
     # another world size is refused before anything is loaded
     with pytest.raises(CheckpointError, match="2-process run with 1 processes"):
         train(case_model("full"), lm_examples(8),
-              case_config(tmp_path / "one", "full", strategy="fsdp", resume_from=str(tmp_path / "full-fsdp")),
+              case_config(two_process_runs / "one", "full", strategy="fsdp",
+                          resume_from=str(crashed / "full-fsdp")),
               eval_dataset=lm_examples(3, seed=1), collate_fn=collate_lm)
-    resumed = torchrun(tmp_path, "resume")
+    resumed = torchrun(crashed, "resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    summary = json.loads((tmp_path / "full-fsdp" / "run_summary.json").read_text())
+    summary = json.loads((crashed / "full-fsdp" / "run_summary.json").read_text())
     uninterrupted = json.loads((two_process_runs / "full-fsdp" / "run_summary.json").read_text())
     assert summary["history"] == uninterrupted["history"]
-    after, expected = (torch.load(d / "full-fsdp" / "trainable_rank0.pt") for d in (tmp_path, two_process_runs))
+    after, expected = (torch.load(d / "full-fsdp" / "trainable_rank0.pt") for d in (crashed, two_process_runs))
     for name, tensor in expected.items():
         assert torch.equal(after[name], tensor), name
