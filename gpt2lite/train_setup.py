@@ -248,8 +248,12 @@ def _prepare_model(model, config: TrainConfig, device: torch.device, world, give
     if trainable_params == 0:
         raise ValueError("the model has no trainable parameters: add an adapter or set requires_grad")
     ddp_model = model
+    if fsdp.is_sharded(model) and not (world.distributed and config.strategy == "fsdp"):
+        raise ValueError("the model is sharded already (fsdp_load.load_sharded): train it under torchrun with "
+                         "TrainConfig(strategy='fsdp')")
     if world.distributed and config.strategy == "fsdp":
-        fsdp.shard_model(model, precision, config.fsdp_reshard_after_forward, config.fsdp_cpu_offload)
+        if not fsdp.is_sharded(model):  # else sharded as it loaded (fsdp_load.load_sharded)
+            fsdp.shard_model(model, precision, config.fsdp_reshard_after_forward, config.fsdp_cpu_offload)
     elif world.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

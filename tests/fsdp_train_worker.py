@@ -4,11 +4,12 @@
     cases    every method of CASES trained 4 steps with strategy "ddp" and then "fsdp" in the same process
              group: summaries, each rank's final trainable weights (after consolidation), the exports
              (save_pretrained, save_adapter) from rank 0, and what each rank's 4-bit base held while sharded;
-             then, in argv[3], the full fine-tuning FSDP run once more, SIGKILLed by rank 0 at step 3 (after
+             the QLoRA case once more, loaded shard by shard (fsdp_load.load_sharded); then, in argv[3], the full fine-tuning FSDP run once more, SIGKILLed by rank 0 at step 3 (after
              the checkpoint of step 2), which ends the launch (one launch fewer than a separate one)
     resume   that run resumed from its checkpoint-shards/ to the end
 """
 
+import gc
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fsdp_cases import CASES, case_config, case_model  # noqa: E402
-from train_helpers import collate_lm, lm_examples  # noqa: E402
+from train_helpers import collate_lm, lm_examples, tiny_model  # noqa: E402
 
 from gpt2lite.checkpoint import trainable_state_dict  # noqa: E402
 from gpt2lite.peft.adapter_io import save_adapter  # noqa: E402
@@ -63,6 +64,50 @@ def train_case(output_dir: str, method: str, strategy: str, on_log=None, resume=
     return model, summary, report
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage this process holds (a DTensor's: its local shard), counted once."""
+    from torch.distributed.tensor import DTensor
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            storage = (obj.to_local() if isinstance(obj, DTensor) else obj).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def model_bytes(model) -> int:
+    from torch.distributed.tensor import DTensor
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum((t.to_local() if isinstance(t, DTensor) else t).untyped_storage().nbytes() for t in tensors)
+
+
+def train_streamed(output_dir: str):
+    """QLoRA loaded shard by shard (fsdp_load.load_sharded) from a checkpoint of the cases' tiny model, with the
+    random state case_model leaves (the same LoRA draws), then trained as the qlora-fsdp case; records the
+    live tensor bytes as each 4-bit layer is filled (the moments its quantized copy is held), the whole
+    4-bit model's bytes and the largest layer's (float weight and 4-bit copy)."""
+    from gpt2lite.fsdp_load import load_sharded
+
+    base = os.path.join(output_dir, "base")
+    whole = case_model("qlora")
+    report = {"whole_4bit_model_bytes": model_bytes(whole),
+              "largest_layer_bytes": max(4 * m.in_features * m.out_features + m.quantized_bytes()
+                                         for m in nf4_layers(whole).values())}
+    if dist.get_rank() == 0:
+        tiny_model(0).save_pretrained(base)
+    dist.barrier()
+    del whole
+    tiny_model(0)  # the random state case_model("qlora") draws its LoRA from
+    baseline, peak = live_tensor_bytes(), []
+    model = load_sharded(base, CASES["qlora"], on_tensor=lambda name: peak.append(live_tensor_bytes()) if "absmax" in name else None)
+    report.update(peak_loading_bytes=max(peak) - baseline, model_bytes=model_bytes(model))
+    config = case_config(os.path.join(output_dir, "qlora-streamed"), "qlora", strategy="fsdp")
+    summary = train(model, lm_examples(8), config, eval_dataset=lm_examples(3, seed=1), collate_fn=collate_lm)
+    return model, summary, report
+
+
 def write_results(output_dir, method, strategy, model, summary, report):
     rank, directory = dist.get_rank(), os.path.join(output_dir, f"{method}-{strategy}")
     torch.save(trainable_state_dict(model), os.path.join(directory, f"trainable_rank{rank}.pt"))
@@ -83,6 +128,7 @@ def main(output_dir, mode, crash_dir=None):
         for method in CASES:
             for strategy in ("ddp", "fsdp"):
                 write_results(output_dir, method, strategy, *train_case(output_dir, method, strategy))
+        write_results(output_dir, "qlora", "streamed", *train_streamed(output_dir))
         dist.barrier()
         if dist.get_rank() == 0:
             open(os.path.join(output_dir, "cases_done"), "w").close()

@@ -109,6 +109,20 @@ def test_each_rank_holds_4bit_shards_and_no_float_copy(two_process_runs):
                 assert entry["local_numel"] < entry["weight_numel"] // 8, entry
 
 
+def test_qlora_loaded_shard_by_shard_holds_a_shard_plus_one_layer(two_process_runs):
+    """fsdp_load.load_sharded: each rank holds its shards and at most one layer beyond them while loading,
+    and the run trains exactly as the QLoRA run sharded after loading whole."""
+    streamed = two_process_runs / "qlora-streamed"
+    for rank in (0, 1):
+        report = json.loads((streamed / f"report_rank{rank}.json").read_text())
+        assert report["model_bytes"] < 0.55 * report["whole_4bit_model_bytes"]  # its half, + replicated tables
+        assert report["peak_loading_bytes"] <= report["model_bytes"] + report["largest_layer_bytes"]
+    summary = json.loads((streamed / "run_summary.json").read_text())
+    assert summary["history"] == json.loads((two_process_runs / "qlora-fsdp" / "run_summary.json").read_text())["history"]
+    after, expected = (torch.load(two_process_runs / d / "trainable_rank0.pt") for d in ("qlora-streamed", "qlora-fsdp"))
+    assert after.keys() == expected.keys() and all(torch.equal(after[k], expected[k]) for k in expected)
+
+
 def test_sigkilled_fsdp_run_resumes_exactly_from_its_shards(two_process_runs):
     crashed = two_process_runs / "crashed"  # killed at step 3, after the checkpoint of step 2
     meta = torch.load(crashed / "full-fsdp" / "checkpoint-shards" / "meta.pt", weights_only=True)
