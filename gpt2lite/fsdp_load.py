@@ -1,4 +1,4 @@
-"""Shard while loading: a QLoRA (or LoRA) model whose every rank holds only its shards, never the whole model.
+"""Shard while loading: a QLoRA (LoRA, full) model whose every rank holds only its shards, never the whole model.
 
 `load_sharded(path, method, precision)`, called on every rank under torchrun, builds the model on the meta
 device, quantizes its block linears there (shapes only), adds the method's adapters, and applies
@@ -26,8 +26,8 @@ from .dtypes import torch_dtype
 
 def load_sharded(name_or_path: str, method, precision: str = "fp32", cls=None, dtype=None, device="cpu",
                  reshard_after_forward: bool = True, on_tensor: Optional[Callable[[str], None]] = None):
-    """The sharded `cls` (default GPT2) from a checkpoint with `method` (a MethodConfig or its dict: "qlora"
-    or "lora") applied; every rank must call it, in a process group. on_tensor(name) is called after each
+    """The sharded `cls` (default GPT2) from a checkpoint with `method` (a MethodConfig or its dict: "qlora",
+    "lora" or "full") applied; every rank must call it, in a process group. on_tensor(name) is called after each
     tensor is filled (memory accounting in tests and benchmarks)."""
     from . import fsdp
     from .architectures import architecture
@@ -37,9 +37,9 @@ def load_sharded(name_or_path: str, method, precision: str = "fp32", cls=None, d
     from .peft.methods import MethodConfig, apply
 
     method = MethodConfig.from_value(method)
-    if method.name not in ("qlora", "lora") or method.dora:
-        raise ValueError(f"load_sharded supports the 'qlora' and 'lora' methods (no DoRA), got {method.name!r}; "
-                         "load the model whole and let train(strategy='fsdp') shard it")
+    if method.name not in ("qlora", "lora", "full") or method.dora:
+        raise ValueError(f"load_sharded supports the 'qlora', 'lora' (no DoRA) and 'full' methods, got "
+                         f"{method.name!r}; load the model whole and let train(strategy='fsdp') shard it")
     directory = resolve(name_or_path)
     config = read_config(directory)
     reader = CheckpointReader(directory, architecture(config.model_type))
