@@ -79,6 +79,9 @@ def shard_model(model: nn.Module, precision: str, reshard_after_forward: bool = 
 
     from .peft.qlora import nf4_layers
 
+    if cpu_offload and next(model.parameters()).device.type != "cuda":
+        raise ValueError("fsdp_cpu_offload=True keeps the shards of a CUDA run in CPU memory; this run is on the "
+                         "CPU already, where they are: set fsdp_cpu_offload=False")
     for layer in nf4_layers(model).values():
         layer.hold_codes_as_parameters()
     options = dict(mp_policy=mixed_precision(precision), reshard_after_forward=reshard_after_forward,

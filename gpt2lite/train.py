@@ -1,6 +1,7 @@
 """The training loop: `train(model, train_dataset, config, ...)`, readable in one sitting.
 
-train() calls setup() (train_setup.py), which builds a `Run`: device, processes, DDP wrapper, optimizer,
+train() calls setup() (train_setup.py), which builds a `Run`: device, processes, DDP wrapper or FSDP
+sharding (fsdp.py; the model is gathered back whole onto every rank at the end), optimizer,
 schedule, scaler, loggers and the loop's `TrainState`, resumed from a checkpoint if asked. Then it runs the
 loop: each step accumulates gradients over micro-batches, updates, logs, evaluates and saves. The config
 lives in train_config.py, the counters in train_state.py, evaluation helpers in train_eval.py.
@@ -12,7 +13,9 @@ nothing but speed. Everything a step draws from (data order, dropout RNG) is sav
 
 Files in config.output_dir (rank 0 writes them; all but the appended log atomically):
     log.jsonl            one record per logged step or evaluation
-    checkpoint.pt        resumable state (see checkpoint.py), every `save_every` steps and at the end
+    checkpoint.pt        resumable state (see checkpoint.py), every `save_every` steps and at the end;
+                         checkpoint-shards/ instead under strategy="fsdp" (every rank writes its shards,
+                         see fsdp_checkpoint.py)
     best.safetensors     trainable weights at the best validation loss
     final.safetensors    trainable weights at the end (written when there is no best model to restore)
     summary.json         what train() returns
