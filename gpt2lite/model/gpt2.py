@@ -286,6 +286,8 @@ def count_parameters(model: nn.Module):
     """
     trainable = total = 0
     for p in model.parameters():
+        if not p.is_floating_point():  # a 4-bit layer's codes held as uint8 parameters (sharded): counted below
+            continue
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()

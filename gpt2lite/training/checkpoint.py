@@ -48,19 +48,32 @@ def load_trainable_state_dict(model: torch.nn.Module, state: Dict[str, torch.Ten
             f"{source} does not fit this model: missing trainable {sorted(missing)[:5]}, unknown "
             f"{sorted(unexpected)[:5]}; build the model with the same method (adapters, frozen layers) first"
         )
+    for name, tensor in state.items():
+        if parameters[name].shape != tensor.shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model "
+                                  f"expects {tuple(parameters[name].shape)}")
+    from gpt2lite.training.fsdp import is_sharded, load_full_trainable
+
+    if is_sharded(model):
+        return load_full_trainable(model, state)
     with torch.no_grad():
         for name, tensor in state.items():
-            if parameters[name].shape != tensor.shape:
-                raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the model "
-                                      f"expects {tuple(parameters[name].shape)}")
             parameters[name].copy_(tensor)
 
 
-def save_trainable(model: torch.nn.Module, path: str):
-    """Write the trainable parameters to a safetensors file (atomically)."""
+def save_trainable(model: torch.nn.Module, path: str, world=None):
+    """Write the trainable parameters to a safetensors file (atomically). With `world`, every rank calls
+    it and rank 0 writes; the weights of a sharded (FSDP) model are gathered to it first."""
     from safetensors.torch import save_file
 
-    state = trainable_state_dict(model)
+    from gpt2lite.training.fsdp import full_trainable_state_dict, is_sharded
+
+    if world is not None and is_sharded(model):
+        state = full_trainable_state_dict(model)
+    elif world is None or world.is_main:
+        state = trainable_state_dict(model)
+    if world is not None and not world.is_main:
+        return
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt", "content": "trainable"}))
 
 
@@ -113,13 +126,7 @@ def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> Tra
     checkpoint = load_checkpoint(path)
     if world.is_main:  # a run killed while saving left a temporary file beside its checkpoint
         remove_stale_temporaries(os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path)
-    for name in RESUME_MUST_MATCH:
-        if checkpoint["config"][name] != getattr(config, name):
-            raise CheckpointError(f"cannot resume: {name} was {checkpoint['config'][name]!r} in the checkpoint "
-                                  f"and is {getattr(config, name)!r} now; use the same value")
-    if checkpoint["world_size"] != world.world_size:
-        raise CheckpointError(f"cannot resume a {checkpoint['world_size']}-process run with {world.world_size} "
-                              "processes: the data would be split differently")
+    check_resumable(checkpoint, config, world)
     load_trainable_state_dict(model, checkpoint["trainable"], source=path)
     load_optimizer_and_scheduler(optimizer, scheduler, checkpoint, config, source=path)
     scaler.load_state_dict(checkpoint["scaler"])
@@ -129,7 +136,19 @@ def resume(path: str, config, world, model, optimizer, scheduler, scaler) -> Tra
     return TrainState.from_dict(checkpoint["state"])
 
 
-def load_optimizer_and_scheduler(optimizer, scheduler, checkpoint: dict, config, source: str):
+def check_resumable(checkpoint: dict, config, world):
+    """Refuse a checkpoint whose run cut the data or followed the schedule differently."""
+    for name in RESUME_MUST_MATCH:
+        if checkpoint["config"][name] != getattr(config, name):
+            raise CheckpointError(f"cannot resume: {name} was {checkpoint['config'][name]!r} in the checkpoint "
+                                  f"and is {getattr(config, name)!r} now; use the same value")
+    if checkpoint["world_size"] != world.world_size:
+        raise CheckpointError(f"cannot resume a {checkpoint['world_size']}-process run with {world.world_size} "
+                              "processes: the data would be split differently; run it with "
+                              f"--nproc_per_node (times --nnodes) = {checkpoint['world_size']}")
+
+
+def load_optimizer_and_scheduler(optimizer, scheduler, checkpoint: dict, config, source: str, load_optimizer=None):
     """Load the optimizer's moments and the scheduler's position from `checkpoint`, but keep the lr, betas and
     weight decay that `optimizer` and `scheduler` were built with from `config`: loading their states alone
     would silently bring back the earlier run's values. The lr at the resumed step is then config.lr times

@@ -36,6 +36,11 @@ class TrainConfig:
     #                          | "auto" (bf16 where the device has native bf16 arithmetic, else fp32)
     device: Optional[str] = None  # None: cuda:LOCAL_RANK when available, else cpu
     activation_checkpointing: bool = False  # True: model.set_activation_checkpointing(True) (less memory, ~1.3x time)
+    # several processes (torchrun): "ddp" replicates the model on every rank; "fsdp" shards parameters,
+    # gradients and optimizer state over the ranks (FSDP2, gpt2lite.training.fsdp), checkpoints in checkpoint-shards/
+    strategy: str = "ddp"
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory)
+    fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory (CUDA)
     compile: bool = False  # torch.compile the training forward and backward once (dynamic batch and sequence
     #                        sizes: no recompilation per length); checks, keys and checkpoints as without it
     # evaluation, early stopping, checkpoints
@@ -72,6 +77,10 @@ class TrainConfig:
         object.__setattr__(self, "report_to", loggers.check_names(self.report_to))
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if self.strategy == "fsdp" and self.compile:
+            raise ValueError("compile=True is not supported with strategy='fsdp' yet; use one or the other")
         if self.nan_policy not in ("stop", "skip"):
             raise ValueError(f"nan_policy must be 'stop' or 'skip', got {self.nan_policy!r}")
         if self.epochs is None and self.max_steps is None and self.time_budget_s is None:

@@ -49,6 +49,15 @@ def all_reduce_sum(values: Sequence[float], world: World, device) -> List[float]
     return tensor.tolist()
 
 
+def all_reduce_max(values: Sequence[float], world: World, device) -> List[float]:
+    """The largest of a few numbers over all processes (one collective); a no-op for a single process."""
+    if not world.distributed:
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def shard(indices: Sequence[int], world: World, pad: bool = True) -> List[int]:
     """This rank's share of an index order: every world_size-th index, starting at the rank.
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from gpt2lite.training import distributed
+from gpt2lite.training.fsdp import is_sharded
 from gpt2lite.loss import IGNORE_INDEX
 from gpt2lite.training.precision import autocast, resolve_precision
 
@@ -55,20 +56,27 @@ def to_device(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def evaluate_loss(model, dataset, collate_fn: Callable, batch_size: int, device=None, precision: str = "fp32",
                   world=None) -> float:
-    """Mean loss over every label token of `dataset` (over all processes under torchrun)."""
+    """Mean loss over every label token of `dataset` (over all processes under torchrun; every process must
+    call it, a sharded model's in lockstep)."""
     world = world or distributed.World()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     indices = distributed.shard(range(len(dataset)), world, pad=False)
+    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    n_batches = len(batches)
+    if world.distributed and is_sharded(model):
+        # every forward of a sharded model all-gathers: each rank runs as many, a short one repeating an
+        # example it does not count
+        n_batches = int(distributed.all_reduce_max([n_batches], world, device)[0])
     loss_sum, tokens = 0.0, 0
     first_too = scores_first_label(model)
-    for start in range(0, len(indices), batch_size):
-        batch = to_device(collate_fn([dataset[i] for i in indices[start:start + batch_size]]), device)
+    for i in range(n_batches):
+        batch = to_device(collate_fn([dataset[j] for j in (batches[i] if i < len(batches) else [0])]), device)
         with autocast(device, precision):
             loss = model(**batch)
-        count = label_count(batch["labels"], first_too)
+        count = label_count(batch["labels"], first_too) if i < len(batches) else 0
         loss_sum, tokens = loss_sum + float(loss) * count, tokens + count
     model.train(was_training)
     loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens], world, device)

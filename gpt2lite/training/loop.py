@@ -1,6 +1,7 @@
 """The training loop: `train(model, train_dataset, config, ...)`, readable in one sitting.
 
-train() calls setup() (train_setup.py), which builds a `Run`: device, processes, DDP wrapper, optimizer,
+train() calls setup() (train_setup.py), which builds a `Run`: device, processes, DDP wrapper or FSDP
+sharding (fsdp.py; the model is gathered back whole onto every rank at the end), optimizer,
 schedule, scaler, loggers and the loop's `TrainState`, resumed from a checkpoint if asked. Then it runs the
 loop: each step accumulates gradients over micro-batches, updates, logs, evaluates and saves. The config
 lives in train_config.py, the counters in train_state.py, evaluation helpers in train_eval.py.
@@ -12,7 +13,9 @@ nothing but speed. Everything a step draws from (data order, dropout RNG) is sav
 
 Files in config.output_dir (rank 0 writes them; all but the appended log atomically):
     log.jsonl            one record per logged step or evaluation
-    checkpoint.pt        resumable state (see checkpoint.py), every `save_every` steps and at the end
+    checkpoint.pt        resumable state (see checkpoint.py), every `save_every` steps and at the end;
+                         checkpoint-shards/ instead under strategy="fsdp" (every rank writes its shards,
+                         see fsdp_checkpoint.py)
     best.safetensors     trainable weights at the best validation loss
     final.safetensors    trainable weights at the end (written when there is no best model to restore)
     summary.json         what train() returns
@@ -36,7 +39,6 @@ history {"train": [[step, loss], ...], "val": [[step, loss], ...]}.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -46,15 +48,14 @@ from typing import Callable, Optional
 
 import torch
 
-from gpt2lite.training import distributed
+from gpt2lite.training import distributed, fsdp
 from gpt2lite.training.checkpoint import load_trainable, save_trainable
 from gpt2lite.files import atomic_write_text
 from gpt2lite.training.memory import peak_memory_mb
 from gpt2lite.training.optim import lr_factor, parameter_groups  # noqa: F401 (imported from here by tests)
 from gpt2lite.training.precision import autocast
 from gpt2lite.training.config import TrainConfig
-from gpt2lite.training.evaluation import (evaluate_loss, label_count, scores_first_label,  # noqa: F401 (evaluate_loss)
-                                          to_device)
+from gpt2lite.training.evaluation import evaluate_loss, label_count, scores_first_label, to_device  # noqa: F401 (evaluate_loss)
 from gpt2lite.training.run import Run, setup
 
 logger = logging.getLogger(__name__)
@@ -136,10 +137,10 @@ def _accumulate(run: Run, micro_batches: list):
         batch = to_device(batch, device)
         input_tokens += batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
         last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or not world.distributed else run.ddp_model.no_sync():
+        with fsdp.gradient_sync(run.ddp_model, last or not world.distributed):
             with autocast(device, run.precision):
                 loss = run.ddp_model(**batch)  # mean over this micro-batch's label tokens
-            # weight by its share of the step's tokens; DDP averages over processes, hence * world_size
+            # weight by its share of the step's tokens; DDP and FSDP average over processes, hence * world_size
             weight = count * world.world_size / max(step_tokens, 1)
             run.scaler.scale(loss.float() * weight).backward()
         loss_sum += loss.detach().float() * count
@@ -162,8 +163,8 @@ def _update(run: Run, loss: float, lr: float) -> float:
         optimizer.zero_grad(set_to_none=True)
         return float("nan")
     scaler.unscale_(optimizer)  # fp16: clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad],
-                                               run.config.clip or math.inf)
+    grad_norm = fsdp.clip_grad_norm([p for p in run.model.parameters() if p.requires_grad],
+                                    run.config.clip or math.inf)  # the global norm over all shards
     scaler.step(optimizer)  # fp16: skipped when the scaled gradients overflowed
     scaler.update()
     return float(grad_norm)
@@ -180,8 +181,10 @@ def _finish(run: Run, stopped_by: Optional[str]) -> dict:
         model_file = best_path
     else:
         model_file = run.path("final.safetensors")
-        if world.is_main:
-            save_trainable(run.model, model_file)
+        save_trainable(run.model, model_file, world)  # rank 0 writes (gathered from the shards under FSDP)
+    if fsdp.is_sharded(run.model):
+        run.optimizer.state.clear()
+        fsdp.consolidate(run.model)  # the whole model back on every rank, a plain module again
     # the last finite loss, with its step: after skipped (NaN) steps it is from before they began
     final_step, final_loss = state.final_train_loss()
     if final_step is not None and final_step < state.step:

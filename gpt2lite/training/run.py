@@ -24,9 +24,9 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
-from gpt2lite.training import distributed
-from gpt2lite.training import loggers
+from gpt2lite.training import distributed, fsdp, loggers
 from gpt2lite.training.checkpoint import resume, save_checkpoint, save_trainable
+from gpt2lite.training.fsdp_checkpoint import SHARDS, resume_sharded, save_sharded, sharded_checkpoint_at
 from gpt2lite.files import atomic_write_text
 from gpt2lite.model.gpt2 import count_parameters
 from gpt2lite.training.optim import lr_factor, parameter_groups
@@ -109,8 +109,8 @@ class Run:
         val_loss = evaluate_loss(self.model, self.eval_dataset, self.eval_collate_fn,
                                  self.config.eval_batch_size or self.config.batch_size, self.device,
                                  self.precision, self.world)
-        if self.state.end_evaluation(val_loss) and self.config.save_best and self.world.is_main:
-            save_trainable(self.model, self.path("best.safetensors"))
+        if self.state.end_evaluation(val_loss) and self.config.save_best:
+            save_trainable(self.model, self.path("best.safetensors"), self.world)  # gathered under FSDP
         self.log({"type": "eval", "step": self.state.step, "epoch": self.state.epoch, "val_loss": val_loss,
                   "best_val_loss": self.state.best_val_loss})
 
@@ -137,6 +137,9 @@ class Run:
         return None
 
     def save(self):
+        if fsdp.is_sharded(self.model):
+            return save_sharded(self.path(SHARDS), self.model, self.optimizer, self.scheduler, self.scaler,
+                                self.state, self.config, self.world)
         save_checkpoint(self.path("checkpoint.pt"), self.model, self.optimizer, self.scheduler, self.scaler,
                         self.state, self.config, self.world)
 
@@ -160,7 +163,7 @@ def setup(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     precision = resolve_precision(config.precision, device)  # "auto" -> "bf16" or "fp32", logged
     world = distributed.setup(device.type)
     given, model = model, uncompiled(model)  # a torch.compile'd model trains compiled, saves as the model
-    ddp_model, trainable_params, total_params = _prepare_model(model, config, device, world, given)
+    ddp_model, trainable_params, total_params = _prepare_model(model, config, device, world, given, precision)
 
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     micro_batches = epoch_micro_batches(len(train_dataset), 0, config, sampler, world)
@@ -178,7 +181,9 @@ def setup(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     torch.manual_seed(config.seed + world.rank)
     state = TrainState()
     if config.resume_from:
-        state = resume(config.resume_from, config, world, model, optimizer, scheduler, scaler)
+        sharded = fsdp.is_sharded(model) or sharded_checkpoint_at(config.resume_from) is not None
+        load = resume_sharded if sharded else resume
+        state = load(config.resume_from, config, world, model, optimizer, scheduler, scaler)
     run = Run(config=config, model=model, ddp_model=ddp_model, train_dataset=train_dataset,
               eval_dataset=eval_dataset, collate_fn=collate_fn, eval_collate_fn=eval_collate_fn or collate_fn,
               sampler=sampler, device=device, precision=precision, world=world, optimizer=optimizer,
@@ -225,9 +230,9 @@ def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _prepare_model(model, config: TrainConfig, device: torch.device, world, given=None):
+def _prepare_model(model, config: TrainConfig, device: torch.device, world, given=None, precision="fp32"):
     """Move the model to `device` in training mode, with activation checkpointing if asked; return
-    (what the step calls: the model, DDP-wrapped under torchrun, compiled with config.compile or as the
+    (what the step calls: the model, DDP-wrapped or FSDP-sharded under torchrun, compiled with config.compile or as the
     caller compiled it (`given`); trainable parameter count; total parameter count)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -243,7 +248,13 @@ def _prepare_model(model, config: TrainConfig, device: torch.device, world, give
     if trainable_params == 0:
         raise ValueError("the model has no trainable parameters: add an adapter or set requires_grad")
     ddp_model = model
-    if world.distributed:
+    if fsdp.is_sharded(model) and not (world.distributed and config.strategy == "fsdp"):
+        raise ValueError("the model is sharded already (fsdp_load.load_sharded): train it under torchrun with "
+                         "TrainConfig(strategy='fsdp')")
+    if world.distributed and config.strategy == "fsdp":
+        if not fsdp.is_sharded(model):  # else sharded as it loaded (fsdp_load.load_sharded)
+            fsdp.shard_model(model, precision, config.fsdp_reshard_after_forward, config.fsdp_cpu_offload)
+    elif world.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:

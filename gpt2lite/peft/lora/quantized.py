@@ -61,13 +61,45 @@ class NF4Linear(nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.linear = F.linear  # a kernel slot (gpt2lite.kernels): the product with the dequantized weight
+        self.held_as_bytes = {}  # {name: float dtype} of constants held as uint8 parameters (FSDP2)
 
     def quantized(self) -> NF4Tensor:
         shape = torch.Size((self.out_features, self.in_features))
         if self.double_quant:
-            absmax = QuantizedAbsmax(self.absmax_codes, self.absmax_scale, self.absmax_offset)
+            absmax = QuantizedAbsmax(self.absmax_codes, self.stored("absmax_scale"), self.absmax_offset)
             return NF4Tensor(self.weight_packed, None, absmax, shape)
-        return NF4Tensor(self.weight_packed, self.absmax, None, shape)
+        return NF4Tensor(self.weight_packed, self.stored("absmax"), None, shape)
+
+    def stored(self, name: str) -> torch.Tensor:
+        """A stored tensor as quantize_nf4_tensor made it: a float constant held as bytes is viewed back."""
+        tensor = getattr(self, name)
+        dtype = self.held_as_bytes.get(name)
+        return tensor if dtype is None else tensor.view(dtype)
+
+    def hold_codes_as_parameters(self, as_parameters: bool = True):
+        """Hold the quantized weight in frozen uint8 parameters instead of buffers (as_parameters=False: back).
+
+        FSDP2's fully_shard shards parameters only (buffers are replicated on every rank), so a sharded
+        QLoRA base holds its codes and block constants as parameters (requires_grad=False), and float
+        constants (the absmax scales) as their bytes: fully_shard then shards every one of them and
+        all-gathers it as uint8, which a mixed-precision policy never casts (it casts floating parameters
+        only), so no rank ever holds a float copy of a quantized weight. The 0-d absmax_offset stays a
+        replicated buffer (4 bytes; a 0-d tensor cannot be sharded). `stored()` views the bytes back.
+        """
+        for name in ("weight_packed", "absmax_codes", "absmax_scale", "absmax"):
+            tensor = getattr(self, name, None)
+            if tensor is None or isinstance(tensor, nn.Parameter) == as_parameters:
+                continue
+            tensor = tensor.detach()
+            delattr(self, name)
+            if as_parameters:
+                if tensor.is_floating_point():
+                    self.held_as_bytes[name], tensor = tensor.dtype, tensor.contiguous().view(torch.uint8)
+                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            else:
+                dtype = self.held_as_bytes.pop(name, None)
+                self.register_buffer(name, tensor if dtype is None else tensor.view(dtype))
+        return self
 
     def dequantize(self, dtype=None) -> torch.Tensor:
         """The weight (out_features, in_features) in `dtype` (default: compute_dtype)."""
@@ -84,8 +116,9 @@ class NF4Linear(nn.Module):
 
     def quantized_bytes(self) -> int:
         """Bytes of the stored weight: packed codes plus block constants."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers(recurse=False)
-                   if buffer is not self.codebook and buffer is not self.absmax_levels)
+        stored = [*self.buffers(recurse=False), *(p for p in self.parameters(recurse=False) if p is not self.bias)]
+        return sum(t.numel() * t.element_size() for t in stored
+                   if t is not self.codebook and t is not self.absmax_levels)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
