@@ -139,6 +139,7 @@ def main(argv=None) -> dict:
                                       inputs[row["workload"]], args)
                     result = measured(spec, workdir)
                     row["runs"].setdefault(stack, []).append(result)
+                    save_partial(args, results, rows)
                     log(f"{row['workload']} {row['mode']} {row['precision']} {stack}: {result['median_step_s']:.3f} s/step, "
                         f"first step {result['first_step_s']:.1f} s, load {result['loadavg_before'][0]:.2f}"
                         f"->{result['loadavg_after'][0]:.2f}")
@@ -152,6 +153,13 @@ def main(argv=None) -> dict:
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
     (out / f"{args.name}.md").write_text(markdown + "\n")
     return results
+
+
+def save_partial(args, results: dict, rows: list):
+    """Every measurement so far, in RESULTS/NAME.partial.json (a long run on a shared machine may be cut)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.partial.json").write_text(json.dumps(dict(results, rows=rows), indent=1))
 
 
 def summarize(row: dict) -> dict:

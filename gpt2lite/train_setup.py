@@ -28,7 +28,7 @@ from . import distributed, loggers
 from .checkpoint import resume, save_checkpoint, save_trainable
 from .files import atomic_write_text
 from .model import count_parameters
-from .optim import lr_factor, parameter_groups
+from .optim import adamw, lr_factor, parameter_groups
 from .precision import autocast, resolve_precision
 from .train_config import TrainConfig
 from .train_eval import evaluate_loss, require_label_tokens
@@ -161,7 +161,7 @@ def setup(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     given, model = model, uncompiled(model)  # a torch.compile'd model trains compiled, saves as the model
     ddp_model, trainable_params, total_params = _prepare_model(model, config, device, world, given)
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    optimizer = adamw(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     micro_batches = epoch_micro_batches(len(train_dataset), 0, config, sampler, world)
     steps_per_epoch = math.ceil(len(micro_batches) / config.grad_accum)
     total_steps = min(config.epochs * steps_per_epoch if config.epochs else math.inf, config.max_steps or math.inf)
