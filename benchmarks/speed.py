@@ -227,7 +227,7 @@ def render(results: dict) -> str:
     stacks = [s for s in STACKS if any(s in row["stacks"] for row in results["rows"])]
     lines += ["| workload | mode | precision | matmul floor s | " + " | ".join(f"{s} s/step (x floor)" for s in stacks)
               + " | first step s (" + ", ".join(stacks) + ") | best gpt2lite vs ref / ref+compile | load |",
-              "|" + "---|" * (6 + len(stacks))]
+              "|" + "---|" * (7 + len(stacks))]
     for row in results["rows"]:
         cells = []
         for stack in stacks:
@@ -242,7 +242,7 @@ def render(results: dict) -> str:
                      + "/".join(f"{x:.1f}" for s in stacks if s in row["stacks"] for x in row["stacks"][s]["load"][:1])
                      + " |")
     generation = results.get("generation")
-    if generation:
+    if generation and generation.get("stacks"):
         bound = generation["bound"]
         lines += ["", f"Decoding, {generation['description']} (fp32). Memory bandwidth measured "
                   f"{generation['bytes_per_s'] / 1e9:.1f} GB/s (read {generation['read_bytes_per_s'] / 1e9:.1f}); "
@@ -255,6 +255,40 @@ def render(results: dict) -> str:
             rate = side["new_tokens_per_s"]
             lines.append(f"| {stack} | {rate:.1f} | {fmt(rate / ref if ref else None)} | "
                          f"{100 * rate / bound['new_tokens_per_s']:.0f}% | {side['first_s']:.1f} |")
+    lines += ["", goals_table(results)]
+    return "\n".join(lines)
+
+
+def goals(results: dict) -> list:
+    """[(goal, measured or None)]: issue 20's goals, as this run measured them (None: not measured)."""
+    rows = {(r["workload"], r["mode"], r["precision"]): r for r in results["rows"]}
+    checks = []
+    for mode in ("lora", "full"):
+        row = rows.get(("lm", mode, "bf16"))
+        eager, compiled, best = speedups(row) if row else (None, None, "–")
+        checks += [(f"LM {mode} bf16: best gpt2lite >= 1.5x reference+compile", compiled, 1.5),
+                   (f"LM {mode} bf16: best gpt2lite >= 2.5x reference eager", eager, 2.5)]
+        floor_ratio = (row["stacks"][best]["step_s"] / row["floor_s"]) if row and row.get("floor_s") and best in row["stacks"] else None
+        checks.append((f"LM {mode} bf16: best gpt2lite step <= 1.5x matmul floor", floor_ratio, -1.5))
+    row = rows.get(("lm", "lora", "fp32"))
+    checks.append(("LM LoRA fp32: best gpt2lite >= 1.3x reference+compile", speedups(row)[1] if row else None, 1.3))
+    row = rows.get(("summarization", "lora", "bf16"))
+    checks.append(("summarization LoRA bf16: >= 1.5x reference+compile", speedups(row)[1] if row else None, 1.5))
+    generation = results.get("generation") or {}
+    side = generation.get("stacks", {})
+    lite, ref, ref_c = (side.get(k, {}).get("new_tokens_per_s") for k in ("gpt2lite", "reference", "reference+compile"))
+    checks += [("greedy decode >= 2x transformers generate", lite / ref if lite and ref else None, 2.0),
+               ("greedy decode >= 1.3x transformers static cache + compile", lite / ref_c if lite and ref_c else None, 1.3),
+               ("greedy decode >= 50% of the bandwidth bound",
+                lite / generation["bound"]["new_tokens_per_s"] if lite and generation.get("bound") else None, 0.5)]
+    return checks
+
+
+def goals_table(results: dict) -> str:
+    lines = ["| goal (issue 20) | measured | met |", "|---|---|---|"]
+    for goal, value, bound in goals(results):
+        met = "not measured" if value is None else ("yes" if (value <= -bound if bound < 0 else value >= bound) else "**no**")
+        lines.append(f"| {goal} | {fmt(value)} | {met} |")
     return "\n".join(lines)
 
 
