@@ -1,8 +1,10 @@
 """One measurement in its own process, so that its peak memory is its own: `python child.py SPEC.json`.
 
-SPEC["task"] is "train" (timed training steps), "generate" (timed greedy generation) or "matmul" (the
-machine's matmul FLOP/s in SPEC["precision"]). Training and generation run under that precision ("bf16":
-autocast; "fp32": none). The result is printed as one JSON line prefixed RESULT.
+SPEC["task"] is "train" (timed training steps), "generate" (timed greedy generation), "matmul" (the
+machine's matmul FLOP/s in SPEC["precision"]), "floor" (a training step's GEMMs timed alone: floor.py) or
+"bandwidth" (the machine's memory read bandwidth: floor.py). Training and generation run under that precision
+("bf16": autocast; "fp32": none); SPEC["compile"] runs the model through torch.compile (stacks.compiled).
+The result is printed as one JSON line prefixed RESULT.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def train(spec: dict) -> dict:
     model.to(device).train()
     if spec.get("activation_checkpointing"):
         stacks.enable_activation_checkpointing(spec["stack"], model)
+    if spec.get("frozen_dtype"):  # frozen weights stored in the compute dtype (gpt2lite.training.precision)
+        from gpt2lite.training.precision import cast_frozen
+
+        cast_frozen(model, getattr(torch, spec["frozen_dtype"]))
+    if spec.get("compile"):
+        loss_fn = stacks.compiled(spec["stack"], model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable)
     if device == "cuda":
@@ -80,6 +88,7 @@ def train(spec: dict) -> dict:
     B, T = input_ids.shape[1:]
     result = dict(
         step_seconds=timed, median_step_s=statistics.median(timed), warmup_seconds=step_seconds[:spec["warmup"]],
+        first_step_s=step_seconds[0],
         losses=losses, tokens_per_step=B * T, labelled_tokens_per_step=int((labels[:, :, 1:] != -100).sum()) // labels.size(0),
         trainable_parameters=sum(p.numel() for p in trainable),
         peak_rss_bytes=peak_rss_bytes(),
@@ -103,6 +112,9 @@ def generate(spec: dict) -> dict:
             return lite_generate(model, prompts, spec["new_tokens"], eos_id=None)
     else:
         model.generation_config.eos_token_id = None  # no early stop: both stacks generate every token
+        if spec.get("compile"):  # transformers' documented fast path: a static cache and a compiled forward
+            model.generation_config.cache_implementation = "static"
+            model.forward = torch.compile(model.forward)
 
         def run():
             out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=spec["new_tokens"],
@@ -118,7 +130,7 @@ def generate(spec: dict) -> dict:
         synchronize(device)
         seconds.append(time.perf_counter() - start)
     timed = seconds[1:]
-    return dict(seconds=timed, median_s=statistics.median(timed), new_tokens=int(tokens.numel()),
+    return dict(seconds=timed, median_s=statistics.median(timed), first_s=seconds[0], new_tokens=int(tokens.numel()),
                 tokens=tokens.tolist(), peak_rss_bytes=peak_rss_bytes())
 
 
@@ -152,7 +164,19 @@ def matmul(spec: dict) -> dict:
     return dict(size=n, dtype=str(dtype), median_flops=by_kernel[best], kernel=best, by_kernel=by_kernel)
 
 
-TASKS = {"train": train, "generate": generate, "matmul": matmul}
+def floor(spec: dict) -> dict:
+    import floor as floor_module
+
+    return floor_module.step_floor(spec)
+
+
+def bandwidth(spec: dict) -> dict:
+    import floor as floor_module
+
+    return floor_module.bandwidth(spec)
+
+
+TASKS = {"train": train, "generate": generate, "matmul": matmul, "floor": floor, "bandwidth": bandwidth}
 
 
 def run_spec(spec: dict) -> dict:

@@ -8,7 +8,11 @@ thread count. Prints the table and the target checks; writes RESULTS/latest.json
     python benchmarks/run.py --quick               # a smoke run: LoRA on LM, short generation (< 2 minutes)
     python benchmarks/run.py --modes full,lora --workloads lm --steps 5
     python benchmarks/run.py --modes full,lora --workloads lm --precision bf16   # both stacks under bf16 autocast
+    python benchmarks/run.py --modes full,lora --workloads lm --compile   # both stacks through torch.compile
     python benchmarks/run.py --render results/latest.json   # the markdown again from a results JSON
+
+The compiled reference and gpt2lite side by side with eager, the matmul floor of each step and decoding
+against the memory-bandwidth bound are in benchmarks/speed.py.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def parse_args(argv=None):
                         help="both stacks train under this autocast (default: fp32 on the CPU, bf16 on CUDA; "
                              "auto: bf16 where the device has native bf16 arithmetic)")
     parser.add_argument("--no-dropout", action="store_true", help="dropout off (default: GPT-2's 0.1)")
+    parser.add_argument("--compile", action="store_true",
+                        help="both stacks train through torch.compile (stacks.compiled; first step = compile)")
     parser.add_argument("--same-weights", action="store_true",
                         help="both stacks start from one transformers checkpoint (written first)")
     parser.add_argument("--in-process", action="store_true",
@@ -180,7 +186,8 @@ def main(argv=None) -> dict:
 
     config = GPT2Config.from_name(args.preset)
     shape = report.Shape(config.n_layer, config.n_embd, config.mlp_dim, config.vocab_size)
-    common = dict(preset=args.preset, threads=args.threads, device=args.device, precision=args.precision, seed=0)
+    common = dict(preset=args.preset, threads=args.threads, device=args.device, precision=args.precision, seed=0,
+                  compile=args.compile)
     results = dict(machine=machine_info(args.device), settings=vars(args).copy(), training=[], generation=None)
     with tempfile.TemporaryDirectory(prefix="gpt2lite-bench-") as tmp:
         workdir = Path(tmp)
@@ -232,8 +239,8 @@ def main(argv=None) -> dict:
             generation = dict(description=f"greedy, batch {args.batch_size}, {prompt_len}-token prompts, "
                                           f"{args.new_tokens} new tokens, KV cache")
             for stack in args.stacks:
-                spec = dict(common, task="generate", stack=stack, inputs=str(prompts_path),
-                            new_tokens=args.new_tokens, repeats=args.generation_repeats)
+                spec = dict(common, task="generate", stack=stack, inputs=str(prompts_path), compile=False,
+                            new_tokens=args.new_tokens, repeats=args.generation_repeats)  # compiled: speed.py
                 result = run_child(spec, workdir, args.in_process)
                 result["new_tokens_per_s"] = result["new_tokens"] / result["median_s"]
                 result["peak_rss_gb"] = result["peak_rss_bytes"] / 1e9

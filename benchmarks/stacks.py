@@ -134,6 +134,17 @@ def enable_activation_checkpointing(stack: str, model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def compiled(stack: str, model):
+    """A loss function (input_ids, labels) -> loss through torch.compile(model), as each stack documents it:
+    gpt2lite as TrainConfig(compile=True) does (dynamic=True: one graph for every batch length), the
+    reference as the Trainer's torch_compile=True does (torch.compile(model), its defaults)."""
+    if stack == "gpt2lite":
+        fast = torch.compile(model, dynamic=True)
+        return lambda input_ids, labels: fast(input_ids, labels=labels)
+    fast = torch.compile(model)
+    return lambda input_ids, labels: fast(input_ids=input_ids, labels=labels).loss
+
+
 def build(stack: str, mode: str, preset: str, dropout: bool, weights_dir=None):
     """(model, loss_fn) of `stack` ("gpt2lite" or "reference") set up for `mode`."""
     if stack == "gpt2lite":

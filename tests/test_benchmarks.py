@@ -107,3 +107,34 @@ def test_scaling_benchmark_runs_every_row_of_both_stacks(tmp_path):
             assert "absent" not in row[stack] and "skipped" not in row[stack], (row["mode"], stack, row[stack])
     load = next(row for row in rows if row["mode"] == "load nf4")["gpt2lite"]
     assert 0 < load["model_bytes"] < load["peak_rss_bytes"]
+
+
+def test_matmul_floor_counts_the_model_flops_of_the_step(monkeypatch):
+    """floor.py's GEMMs are the step's model FLOPs as report.py counts them: all of them under full
+    fine-tuning; under LoRA all but the input gradients below block 0's c_attn (its base and lora_A), which
+    report.py counts and autograd never computes (the embeddings are frozen)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import floor
+    import report
+
+    n_layer, C, n_head, V, B, T, labelled, r = 12, 768, 12, 50257, 4, 256, 1020, 8
+    shape = report.Shape(n_layer, C, 4 * C, V)
+    for mode in ("full", "lora"):
+        gemm_flops = sum(2 * m * k * n * batch * count
+                         for _, (m, k, n), batch, count in floor.step_gemms(n_layer, C, n_head, V, B, T, labelled, mode, r))
+        expected = report.training_flops(shape, mode, B, T, labelled, lora_rank=r)
+        if mode == "lora":
+            expected -= 2 * B * T * (3 * C * C + r * C)
+        assert gemm_flops == expected, mode
+
+
+def test_decode_bound_reads_the_weights_and_the_cache_once_per_step(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import floor
+
+    bound = floor.decode_bound(n_layer=2, C=8, vocab=10, n_positions=16, B=1, prompt_len=4, new_tokens=3,
+                               weight_bytes=4, bytes_per_s=1000.0, peak_flops=1e12)
+    weights = (2 * 12 * 64 + 10 * 8 + 16 * 8) * 4
+    caches = [2 * 2 * 1 * (4 + step) * 8 * 4 for step in (1, 2)]  # two decoding steps after the prefill
+    assert bound["decode_s"] == pytest.approx(sum(weights + c for c in caches) / 1000.0)
+    assert bound["last_step_bytes"] == weights + caches[-1]

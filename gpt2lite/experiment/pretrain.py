@@ -40,7 +40,7 @@ import torch
 from gpt2lite.model.config import GPT2Config
 from gpt2lite.kernels.loss import linear_cross_entropy
 from gpt2lite.model.gpt2 import GPT2
-from gpt2lite.training.optim import lr_factor, parameter_groups
+from gpt2lite.training.optim import adamw, lr_factor, parameter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def pretrain(model: GPT2, stream: torch.Tensor, settings: PretrainConfig, vocab:
         raise ValueError(f"the corpus has {stream.numel()} tokens, fewer than one block of {block} + 1")
     targets = stream if vocab is None else torch.searchsorted(vocab, stream)  # ids -> rows of the head
     generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr)
+    optimizer = adamw(parameter_groups(model, settings.weight_decay), lr=settings.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, settings.warmup_steps, settings.steps, "cosine"))
     model.train()

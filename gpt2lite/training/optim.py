@@ -1,4 +1,4 @@
-"""AdamW's parameter groups and the learning-rate schedule (warmup, then linear, cosine or constant)."""
+"""AdamW (fused where it can be), its parameter groups and the learning-rate schedule (warmup, then linear, cosine or constant)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list:
         if p.requires_grad:
             (decay if p.dim() >= 2 and id(p) not in exempt else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(groups: list, lr: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """torch.optim.AdamW over `groups`, fused (one pass over every parameter per step, PyTorch's CPU and CUDA
+    kernel) where every parameter is a float tensor on the CPU or CUDA; PyTorch's default elsewhere (on the
+    CPU that default is a loop of several passes per tensor). Same update to float rounding."""
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: Optional[int], schedule: str) -> float:

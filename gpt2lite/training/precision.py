@@ -69,3 +69,24 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 training needs CUDA (it relies on a GradScaler); use precision='bf16' on the CPU")
     return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """Store the frozen matmul weights (and their biases) of `model` in `dtype`, as peft's users do when they
+    load the base in bf16: autocast then reads them as they are instead of casting a bf16 copy of each one on
+    every forward. Trainable parameters (the adapters) stay as they are (float32), as peft keeps them.
+
+    Only weights read by a matmul are cast: embeddings (and the LM head tied to wte) and LayerNorms keep
+    their dtype, so the residual stream and the normalisations stay float32. The model must then run under
+    autocast to `dtype` (precision "bf16"): a float32 input meets a bf16 weight otherwise. Returns the model."""
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm)):
+            continue
+        weight = vars(module).get("_parameters", {}).get("weight")
+        if weight is None or weight.dim() != 2 or weight.requires_grad or id(weight) in embedding:
+            continue
+        for parameter in module.parameters(recurse=False):
+            if not parameter.requires_grad and parameter.is_floating_point() and id(parameter) not in embedding:
+                parameter.data = parameter.data.to(dtype)
+    return model

@@ -29,7 +29,7 @@ from gpt2lite.training.checkpoint import resume, save_checkpoint, save_trainable
 from gpt2lite.training.fsdp_checkpoint import SHARDS, resume_sharded, save_sharded, sharded_checkpoint_at
 from gpt2lite.files import atomic_write_text
 from gpt2lite.model.gpt2 import count_parameters
-from gpt2lite.training.optim import lr_factor, parameter_groups
+from gpt2lite.training.optim import adamw, lr_factor, parameter_groups
 from gpt2lite.training.precision import autocast, resolve_precision
 from gpt2lite.training.config import TrainConfig
 from gpt2lite.training.evaluation import evaluate_loss, require_label_tokens
@@ -165,7 +165,7 @@ def setup(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
     given, model = model, uncompiled(model)  # a torch.compile'd model trains compiled, saves as the model
     ddp_model, trainable_params, total_params = _prepare_model(model, config, device, world, given, precision)
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
+    optimizer = adamw(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
     micro_batches = epoch_micro_batches(len(train_dataset), 0, config, sampler, world)
     steps_per_epoch = math.ceil(len(micro_batches) / config.grad_accum)
     total_steps = min(config.epochs * steps_per_epoch if config.epochs else math.inf, config.max_steps or math.inf)

@@ -20,7 +20,8 @@ from gpt2lite import GPT2
 from gpt2lite.kernels.attention import dropout_attention
 from gpt2lite.peft import add_lora, load_adapter
 from gpt2lite.training.precision import cpu_has_native_bf16, resolve_precision
-from gpt2lite.training.loop import TrainConfig, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train
 
 BF16_SLACK = 2.0
 FLOOR = 2e-3  # relative gradient error below which any two bf16 computations count as equal (about 2^-9)
@@ -186,3 +187,30 @@ def test_unknown_precision_is_refused():
         resolve_precision("bf8", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="bf8")
+
+
+def test_cast_frozen_stores_frozen_matmul_weights_in_bf16_with_autocast_results_unchanged(tiny_hf_dir):
+    """precision.cast_frozen: the frozen linear weights (and biases) of a LoRA model become bf16, the
+    adapters, LayerNorms and the embeddings (the tied head) stay float32; under bf16 autocast the loss and
+    the adapter gradients are those of the float32-stored model (autocast rounded the same weights)."""
+    from gpt2lite.training.precision import cast_frozen
+
+    def lora_model():
+        torch.manual_seed(0)
+        model = add_lora(GPT2.from_pretrained(str(tiny_hf_dir)), rank=4, alpha=8, targets=LORA_TARGETS)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05)  # so that lora_A gets a gradient too
+        return model.eval()
+
+    stored32, stored16 = lora_model(), cast_frozen(lora_model())
+    block = stored16.transformer.h[0]
+    assert block.attn.c_attn.weight.dtype == block.mlp.c_fc.weight.dtype == block.mlp.c_fc.bias.dtype == torch.bfloat16
+    assert block.attn.c_attn.lora_A.weight.dtype == torch.float32 and block.ln_1.weight.dtype == torch.float32
+    assert stored16.transformer.wte.weight.dtype == torch.float32 and stored16.lm_head.weight is stored16.transformer.wte.weight
+    loss32, grads32 = loss_and_grads(stored32, bf16=True, hf=False)
+    loss16, grads16 = loss_and_grads(stored16, bf16=True, hf=False)
+    assert loss16 == pytest.approx(loss32, rel=1e-6) and sorted(grads16) == sorted(grads32) and grads16
+    for name, grad in grads16.items():
+        assert grad.dtype == torch.float32 and relative_error(grad, grads32[name]) < 1e-5, name
