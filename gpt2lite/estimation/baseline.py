@@ -2,7 +2,8 @@
 the thread pools and kernel libraries a first training step starts. Measured once in a child process and
 cached (cache_root()/rss_baseline.json, by Python, torch and gpt2lite version and thread count).
 
-    baseline_mb()      # e.g. 420.0
+    baseline_mb()      # e.g. 335.0: what a training step holds besides its tensors
+    imports_mb()       # e.g. 180.0: before the first step (while the checkpoint loads)
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ CHILD = """
 import json, resource, torch
 import gpt2lite.cli.pipeline, gpt2lite.train
 from gpt2lite import GPT2, GPT2Config
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+imported = peak_mb()
 model = GPT2(GPT2Config(vocab_size=256, n_positions=64, n_embd=32, n_layer=1, n_head=2))
 optimizer = torch.optim.AdamW(model.parameters())
 ids = torch.zeros(2, 64, dtype=torch.long)
@@ -28,9 +33,7 @@ for _ in range(2):
     model(input_ids=ids, labels=ids).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-with open("/proc/self/status") as f:
-    kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-print(json.dumps({"baseline_mb": kb / 1024}))
+print(json.dumps({"baseline_mb": peak_mb(), "imports_mb": imported}))
 """
 
 
@@ -49,6 +52,16 @@ def cache_path() -> str:
 
 def baseline_mb() -> float:
     """The resident set of a training process without its tensors, in MB (measured once, then cached)."""
+    return measured()["baseline_mb"]
+
+
+def imports_mb() -> float:
+    """The resident set of the process once gpt2lite is imported, before any step started its thread pools."""
+    return measured()["imports_mb"]
+
+
+def measured() -> dict:
+    """{"baseline_mb", "imports_mb"}, measured once per cache_key() and cached."""
     path, key = cache_path(), cache_key()
     cached = {}
     if os.path.isfile(path):
@@ -57,8 +70,8 @@ def baseline_mb() -> float:
                 cached = json.load(f)
         except ValueError:  # a damaged cache is measured again
             cached = {}
-    if key not in cached:
-        cached[key] = measure_baseline_mb()
+    if not isinstance(cached.get(key), dict):
+        cached[key] = measure()
         from ..files import atomic_write_text
 
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -66,10 +79,10 @@ def baseline_mb() -> float:
     return cached[key]
 
 
-def measure_baseline_mb() -> float:
-    """Run CHILD in a fresh interpreter; its peak resident set (VmHWM) in MB."""
+def measure() -> dict:
+    """Run CHILD in a fresh interpreter: its peak resident set (VmHWM) in MB after the imports and at the end."""
     done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         raise RuntimeError(f"measuring the Python + torch baseline failed: {done.stderr.strip()[-500:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["baseline_mb"])
+    return json.loads(done.stdout.strip().splitlines()[-1])

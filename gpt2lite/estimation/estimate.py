@@ -182,16 +182,15 @@ def estimate_run(run: Run, both_settings: bool = True) -> Estimate:
         peak = step.peak_bytes / MB
         notes.append("CUDA: the prediction is torch.cuda.max_memory_allocated (the caching allocator reserves more)")
     else:
-        from .baseline import baseline_mb
+        from .baseline import baseline_mb, imports_mb
         from .heap import resident_peak, step_events
 
         parts["resident_tensors_peak_mb"] = resident_peak(step_events(step)) / MB
-        largest = largest_float_tensor(run.config) * 4
-        parts["loading_peak_mb"] = (step.weights_float + step.weights_4bit + 2 * largest) / MB
         parts["baseline_mb"] = baseline_mb()
-        peak = parts["baseline_mb"] + max(parts["resident_tensors_peak_mb"], parts["loading_peak_mb"])
+        parts["loading_peak_mb"] = imports_mb() + (step.weights_float + step.weights_4bit) / MB + loading_extra_mb(run)
+        peak = max(parts["baseline_mb"] + parts["resident_tensors_peak_mb"], parts["loading_peak_mb"])
         notes.append("CPU: the prediction is the process's peak resident set: the Python + torch baseline plus the "
-                     "larger of the step's tensors and the checkpoint loading's")
+                     "step's tensors as glibc's heap holds them, or loading the checkpoint if that is higher")
     return Estimate(run.model, run.method.name, str(run.device), run.precision, run.shape.batch_size,
                     run.shape.seq_len, run.shape.grad_accum, checkpointing, peak, parts, notes)
 
@@ -200,6 +199,8 @@ def activations_mb(step: Optional[StepTrace]) -> Optional[float]:
     return None if step is None else step.activations / MB
 
 
-def largest_float_tensor(config: GPT2Config) -> int:
-    """Elements of the checkpoint's largest tensor (the token embedding): loading holds it twice at most."""
-    return max(config.vocab_size * config.n_embd, config.n_embd * config.mlp_dim)
+def loading_extra_mb(run: Run) -> float:
+    """What loading holds beyond the weights: the float copy of a Conv1D weight being transposed (the MLP's
+    is the largest); QLoRA's quantize-on-load also holds the layer's blocks and codes while quantizing it."""
+    layer_mb = run.config.n_embd * run.config.mlp_dim * 4 / MB
+    return 3 * layer_mb if run.method.name == "qlora" else layer_mb
