@@ -1,4 +1,5 @@
-"""The `gpt2lite` command line (also `python -m gpt2lite`): finetune, compare, evaluate, generate, merge.
+"""The `gpt2lite` command line (also `python -m gpt2lite`): finetune, compare, evaluate, generate, merge,
+estimate.
 
     gpt2lite finetune --config recipes/demo.yaml
     gpt2lite finetune --data.train my.jsonl --data.input_column document --data.target_column summary \\

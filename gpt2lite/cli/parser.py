@@ -16,9 +16,11 @@ import typing
 from typing import Dict
 
 from gpt2lite.cli import commands
+from gpt2lite.cli.estimate import estimate
 
 COMMANDS = {"finetune": commands.finetune, "compare": commands.compare, "evaluate": commands.evaluate,
-            "generate": commands.generate, "merge": commands.merge}
+            "generate": commands.generate, "merge": commands.merge, "estimate": estimate}
+DASHED_FLAGS = {"--memory-budget": "--memory_budget", "--time-steps": "--time_steps"}  # estimate's, spelt either way
 WRITES_RUN_CONFIG = {"finetune": "train.output_dir", "compare": "train.output_dir", "evaluate": "output_dir"}
 
 
@@ -74,6 +76,15 @@ def _require_cli_extra():
                  f"pyyaml ({error})")
 
 
+def underscored(argv) -> list:
+    """argv with the DASHED_FLAGS spelt as the parser knows them (--memory-budget 8GB, --memory-budget=8GB)."""
+    spelt = []
+    for argument in argv:
+        flag, equals, value = argument.partition("=")
+        spelt.append(DASHED_FLAGS.get(flag, flag) + equals + value)
+    return spelt
+
+
 def run(argv=None):
     """Parse argv and call the subcommand with its options as dataclasses."""
     _require_cli_extra()
@@ -81,7 +92,7 @@ def run(argv=None):
     for name in ("gpt2lite.experiment.base_model", "gpt2lite.tasks.text_splits", "gpt2lite.tasks.builders"):
         logging.getLogger(name).setLevel(logging.ERROR)  # their fallback notes are printed
     parser = build_parser()
-    config = parser.parse_args(argv)
+    config = parser.parse_args(underscored(sys.argv[1:] if argv is None else argv))
     name = config.command
     options = config[name]
     if name in WRITES_RUN_CONFIG:  # the options of the run, to repeat it with --config and for `generate`
