@@ -21,6 +21,7 @@ from gpt2lite.cli.estimate import estimate
 COMMANDS = {"finetune": commands.finetune, "compare": commands.compare, "evaluate": commands.evaluate,
             "generate": commands.generate, "merge": commands.merge, "estimate": estimate}
 DASHED_FLAGS = {"--memory-budget": "--memory_budget", "--time-steps": "--time_steps"}  # estimate's, spelt either way
+SWITCHES = ("--time",)  # estimate's booleans that may stand alone: `--time` is `--time true`
 WRITES_RUN_CONFIG = {"finetune": "train.output_dir", "compare": "train.output_dir", "evaluate": "output_dir"}
 
 
@@ -77,11 +78,15 @@ def _require_cli_extra():
 
 
 def underscored(argv) -> list:
-    """argv with the DASHED_FLAGS spelt as the parser knows them (--memory-budget 8GB, --memory-budget=8GB)."""
+    """argv with the DASHED_FLAGS spelt as the parser knows them (--memory-budget 8GB, --memory-budget=8GB),
+    and a SWITCH standing alone given its value (`--time` -> `--time true`)."""
     spelt = []
-    for argument in argv:
+    for index, argument in enumerate(argv):
         flag, equals, value = argument.partition("=")
         spelt.append(DASHED_FLAGS.get(flag, flag) + equals + value)
+        following = argv[index + 1] if index + 1 < len(argv) else "--"
+        if argument in SWITCHES and following.startswith("--"):
+            spelt.append("true")
     return spelt
 
 

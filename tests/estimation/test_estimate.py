@@ -157,3 +157,19 @@ def test_heap_keeps_freed_chunks_below_the_threshold_resident():
     assert heap.resident() >= 5 * MB
     heap.malloc("c", 3 * MB)  # fits in a's hole: nothing grows
     assert heap.resident() < 5 * MB + 4096
+
+
+def test_time_probe_counts_steps_as_train_does(tiny_hf_dir):
+    import math
+
+    from gpt2lite.training.distributed import World
+    from gpt2lite.estimation.timing import time_steps
+    from gpt2lite.training.run import epoch_micro_batches
+
+    train = TrainConfig(batch_size=3, grad_accum=2, device="cpu")
+    timing = time_steps(describe_run(str(tiny_hf_dir), "lora", train, DataConfig(max_length=32)), steps=1)
+    assert timing.tokens_per_s == pytest.approx(3 * 2 * 32 / timing.step_s)
+    micro_batches = epoch_micro_batches(100, 0, train, None, World())
+    assert timing.steps_for(100, epochs=2) == 2 * math.ceil(len(micro_batches) / 2)
+    assert timing.steps_for(100, epochs=2, max_steps=5) == 5
+    assert timing.total_s(100, epochs=2) == pytest.approx(timing.steps_for(100, 2) * timing.step_s)
