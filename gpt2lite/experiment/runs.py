@@ -12,7 +12,7 @@ The fallbacks never hide: when pretrained weights or the hub dataset cannot be h
 say so in `description`, `random_init` / `fallback` are set, and a warning is logged.
 
 The names of those steps are importable from here too (`from gpt2lite.experiment.runs import load_base_model,
-summarization_splits, build_task, ...`).
+build_task, ...`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from gpt2lite.seed import seed_everything
 from gpt2lite.tasks.builders import (Task, build_task, classification_task, generate_texts, infer_num_labels,
                                      language_modeling_task, summarization_task, virtual_tokens)
 from gpt2lite.tasks import LengthGroupedSampler
-from gpt2lite.tasks.text_splits import TextSplits, lm_texts, summarization_splits
+from gpt2lite.tasks.splits import TextSplits
 
-__all__ = ["BaseModel", "load_base_model", "TextSplits", "summarization_splits", "lm_texts", "Task", "build_task",
+__all__ = ["BaseModel", "load_base_model", "TextSplits", "Task", "build_task",
            "summarization_task", "language_modeling_task", "classification_task", "generate_texts",
            "infer_num_labels", "virtual_tokens", "MethodResult", "run_method"]
 

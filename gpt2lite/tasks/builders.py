@@ -17,12 +17,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from gpt2lite.tasks.splits import DataConfig
+from gpt2lite.tasks.splits import DataConfig, TextSplits, column_values
 from gpt2lite.tasks import (DEFAULT_TEMPLATE, DataError, Examples, build_classification, build_generation_prompts,
                             build_lm_blocks, build_summarization, check_labels, predict_classes,
                             sliding_window_perplexity, subset, tokenize_stream)
 from gpt2lite.tasks.loading import as_list, require_columns
-from gpt2lite.tasks.text_splits import TextSplits, column_values
 
 logger = logging.getLogger(__name__)
 

@@ -220,8 +220,17 @@ def require_columns(table, columns: Sequence[str], where: str = "the dataset"):
                         f"{table.column_names}. Choose others (e.g. --source-column/--target-column).")
 
 
+def seeded_order(n: int, seed: int) -> List[int]:
+    """A seeded shuffle of range(n): the one order that cuts splits (splits.split_three) and draws capped
+    samples (subset), for lists and datasets alike."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def subset(table, data_fraction: float = 1.0, max_samples: Optional[int] = None, seed: int = 0):
-    """A reproducible random subset: the first data_fraction of a seeded shuffle, then at most max_samples."""
+    """A reproducible random subset: the first data_fraction of a seeded shuffle (seeded_order), then at most
+    max_samples."""
     if not 0.0 < data_fraction <= 1.0:
         raise DataError(f"data_fraction must be in (0, 1], got {data_fraction}")
     if max_samples is not None and max_samples <= 0:
@@ -232,12 +241,8 @@ def subset(table, data_fraction: float = 1.0, max_samples: Optional[int] = None,
         keep = min(keep, max_samples)
     if keep == n:
         return table
-    if isinstance(table, list):
-        import torch
-
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        return [table[i] for i in order[:keep]]
-    return table.shuffle(seed=seed).select(range(keep))
+    order = seeded_order(n, seed)[:keep]
+    return [table[i] for i in order] if isinstance(table, list) else table.select(order)
 
 
 def as_list(table, column: str) -> List:

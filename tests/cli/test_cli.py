@@ -109,7 +109,6 @@ def test_sample_caps_stream_only_the_first_rows_of_a_hub_dataset(monkeypatch):
     """A capped run asks the hub for the rows it uses (load_table's max_rows), not whole splits: the online
     demo trains on 2,000 CNN/DailyMail articles without downloading the 287,113 of the train split."""
     import gpt2lite.tasks.splits
-    import gpt2lite.tasks.text_splits
 
     asked = {}
 
@@ -118,7 +117,6 @@ def test_sample_caps_stream_only_the_first_rows_of_a_hub_dataset(monkeypatch):
         return [{"article": f"article {i}", "highlights": f"summary {i}", "text": "t", "label": 0}
                 for i in range(max_rows or 30)]
 
-    monkeypatch.setattr(gpt2lite.tasks.text_splits, "load_table", fake_load_table)
     monkeypatch.setattr(gpt2lite.tasks.splits, "load_table", fake_load_table)
     splits = load_splits(DataConfig(dataset="cnn_dailymail", dataset_config="3.0.0", max_train_samples=20,
                                     max_validation_samples=5, max_test_samples=7))
