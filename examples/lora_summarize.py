@@ -23,14 +23,16 @@ import os
 
 from gpt2lite import GPT2, Tokenizer, count_parameters
 from gpt2lite.tasks.splits import DataConfig, load_splits
-from gpt2lite.experiment.runs import build_task, generate_texts, load_base_model
+from gpt2lite.tasks.builders import build_task, generate_texts
+from gpt2lite.experiment.base_model import load_base_model
 from gpt2lite.generation.decoding import GenerationConfig
 from gpt2lite.peft import MethodConfig, apply, load_adapter, save_adapter
 from gpt2lite.experiment.pretrain import PretrainConfig
 from gpt2lite.experiment.report import method_row, write_report
 from gpt2lite.seed import seed_everything
 from gpt2lite.tasks import DEFAULT_TEMPLATE, build_generation_prompts
-from gpt2lite.training.loop import TrainConfig, train as train_loop
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train as train_loop
 
 # -- settings: recipes/demo.yaml's LoRA run; each field is a flag (--model, --data.train, --method.rank, ...) --
 MODEL = "gpt2"  # a hub id or a checkpoint directory

@@ -10,7 +10,7 @@ import torch
 from conftest import hf_gpt2_config
 
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 

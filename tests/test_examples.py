@@ -22,7 +22,7 @@ from gpt2lite.generation.decoding import GenerationConfig
 from gpt2lite.peft import MethodConfig, load_adapter
 from gpt2lite.experiment.pretrain import PretrainConfig
 from gpt2lite.tasks import docstring_corpus
-from gpt2lite.training.loop import TrainConfig
+from gpt2lite.training.config import TrainConfig
 
 SCRIPT = REPO_ROOT / "examples" / "lora_summarize.py"
 WORDS = ("the council approved a new budget for schools and roads after a long debate while residents asked "

@@ -57,7 +57,8 @@ def load_base_model(name_or_path: str = "gpt2", num_labels: Optional[int] = None
     load_options: from_pretrained's, for the pretrained weights (MethodConfig.load_options(): QLoRA's
     quantize-on-load); a fallback model is built in float. A path that is not a directory (./x, /x, a/b/c,
     one under an existing directory) is a CheckpointError ("no directory ..."), never a fallback."""
-    from gpt2lite.hub.pretrained import CheckpointError, looks_like_path
+    from gpt2lite.errors import CheckpointError
+    from gpt2lite.hub.pretrained import looks_like_path
 
     cls = GPT2ForSequenceClassification if num_labels else GPT2
     kwargs = {"num_labels": num_labels} if num_labels else {}

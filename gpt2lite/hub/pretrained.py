@@ -19,10 +19,9 @@ import torch
 from gpt2lite.model.architectures import architecture
 from gpt2lite.model.config import GPT2Config
 from gpt2lite.dtypes import torch_dtype
-from gpt2lite.errors import CheckpointError  # noqa: F401  (re-exported: `from gpt2lite.hf import CheckpointError`)
+from gpt2lite.errors import CheckpointError
 from gpt2lite.files import atomic_write, atomic_write_text, read_json_object
 from gpt2lite.hub.weights import WEIGHT_FILES, CheckpointReader
-from gpt2lite.hub.weights import hf_to_gpt2lite, read_state_dict  # noqa: F401  (re-exported for users of gpt2lite.hf)
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ CLIENT = r"""
 import json, os, sys
 import torch
 from gpt2lite import GPT2
-from gpt2lite.experiment.runs import load_base_model
+from gpt2lite.experiment.base_model import load_base_model
 from gpt2lite.tasks.splits import DataConfig, load_splits
 from gpt2lite.peft import load_adapter
 from gpt2lite.tasks.loading import hub_reachable, load_table

@@ -10,7 +10,7 @@ import torch
 import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, Tokenizer, count_parameters, generate
 from gpt2lite.model.gpt_neo import GPTNeoSelfAttention, compress_attention_layers, config_to_hf, expand_attention_types
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 from helpers import save_random
 
 transformers = pytest.importorskip("transformers")

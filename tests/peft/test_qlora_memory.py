@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 from gpt2lite.peft import quantize_nf4
 from gpt2lite.peft.lora.quantized import NF4Linear
 

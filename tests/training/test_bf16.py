@@ -20,7 +20,8 @@ from gpt2lite import GPT2
 from gpt2lite.kernels.attention import dropout_attention
 from gpt2lite.peft import add_lora, load_adapter
 from gpt2lite.training.precision import cpu_has_native_bf16, resolve_precision
-from gpt2lite.training.loop import TrainConfig, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train
 
 BF16_SLACK = 2.0
 FLOOR = 2e-3  # relative gradient error below which any two bf16 computations count as equal (about 2^-9)

@@ -19,7 +19,8 @@ from train_helpers import collate_lm, tiny_model
 
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, peft
 from gpt2lite.loss import IGNORE_INDEX
-from gpt2lite.training.loop import TrainConfig, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train
 
 VOCAB = 512
 METHODS = ["full", "lora", "dora", "qlora", "prompt", "prefix", "ia3", "last_n", "bitfit", "checkpointing",
