@@ -203,7 +203,7 @@ def merge(adapter: str, output: str, model: Optional[str] = None) -> str:
     """
     from gpt2lite.peft import merge_and_unload
     from gpt2lite.peft.adapter_io import read_adapter_config, resolve_adapter
-    from gpt2lite.peft.lora.layer import lora_layers
+    from gpt2lite.peft.lora.add import lora_layers
     from gpt2lite.experiment.outputs import load_for_inference, save_model
 
     loaded, description = load_for_inference(model, adapter, device="cpu")

@@ -131,6 +131,6 @@ def copy_for_run(base: BaseModel, method=None) -> torch.nn.Module:
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
-    from gpt2lite.peft.lora.quantized import nf4_layers
+    from gpt2lite.quantization.linear import nf4_layers
 
     return bool(nf4_layers(model))

@@ -21,7 +21,8 @@ from gpt2lite.model.config import GPT2Config
 from gpt2lite.dtypes import torch_dtype
 from gpt2lite.errors import CheckpointError
 from gpt2lite.files import atomic_write, atomic_write_text, read_json_object
-from gpt2lite.hub.weights import WEIGHT_FILES, CheckpointReader
+from gpt2lite.hub.quantized import load_quantized
+from gpt2lite.hub.weights import WEIGHT_FILES, CheckpointReader, model_for_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +118,6 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
     directory = _download_bin_if_needed(resolve(name_or_path), name_or_path)
     config = read_config(directory)
     if quantize is not None:
-        from gpt2lite.hub.quantized import load_quantized
-
         return load_quantized(cls, directory, config, quantize, dtype=dtype, device=device, num_labels=num_labels,
                               **quantize_options)
     if quantize_options:
@@ -133,53 +132,6 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
     return model.eval()  # as transformers does: dropout off until training asks for it
-
-
-def model_for_checkpoint(cls, config: GPT2Config, directory: str, shapes: Dict[str, torch.Size],
-                         num_labels: Optional[int] = None):
-    """The `cls` model on the meta device that a checkpoint with these tensor shapes (gpt2lite names) loads
-    into, after checking that they match. Returns (model, the checkpoint keys to load, new tensors the
-    checkpoint lacks (a new classification head), whether lm_head is to be tied to wte)."""
-    kwargs = {}
-    if cls.__name__.endswith("ForSequenceClassification"):
-        if "score.weight" in shapes:
-            found = shapes["score.weight"][0]
-            if num_labels is not None and num_labels != found:
-                raise CheckpointError(f"the checkpoint's score head has {found} labels, num_labels={num_labels} was asked for")
-            num_labels = found
-        elif config.pad_token_id is None:
-            # a new head: GPT-2 has no pad token; batches are padded with eos, as transformers users do
-            config = config.replace(pad_token_id=config.eos_token_id)
-        kwargs["num_labels"] = num_labels if num_labels is not None else config.num_labels
-    with torch.device("meta"):
-        model = cls(config, **kwargs)
-    expected = model.state_dict()
-    tied = config.tie_word_embeddings and "lm_head.weight" in expected
-    if tied:  # lm_head is the same matrix as transformer.wte
-        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
-    keys = set(shapes)
-    for head in ("lm_head.weight", "score.weight"):  # a language model from a classifier or the reverse
-        if head not in expected and head in keys:
-            keys.discard(head)
-            logger.info("ignoring %s from %s: %s has no such head", head, directory, cls.__name__)
-    new = {}
-    if "score.weight" in expected and "score.weight" not in keys:  # a new classification head
-        new["score.weight"] = torch.empty(expected["score.weight"].shape).normal_(0.0, config.initializer_range)
-    missing = sorted(set(expected) - keys - set(new))
-    unexpected = sorted(keys - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint in {directory!r} does not match {cls.__name__}({config.model_type}, "
-            f"n_layer={config.n_layer}): missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-    for key in expected:  # in module order: the first mismatch is the one to fix
-        if key in keys and tuple(shapes[key]) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{key}: the checkpoint has shape {tuple(shapes[key])}, the model expects "
-                f"{tuple(expected[key].shape)}; config.json and the weights disagree (a checkpoint of another size?)"
-            )
-    return model, sorted(keys), new, tied
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -259,8 +259,9 @@ def test_half_precision_attention_does_not_overflow():
 # --------------------------------------------------------------------------------------------- fine-tuning
 
 peft = pytest.importorskip("peft")
-from gpt2lite.peft import (add_bitfit, add_lora, apply, freeze_layers, frozen_baseline,  # noqa: E402
-                           full_finetuning, load_adapter, quantize_nf4, save_adapter)
+from gpt2lite.peft import (add_bitfit, add_lora, apply, freeze_layers, frozen_baseline, full_finetuning,  # noqa: E402
+                           load_adapter, save_adapter)
+from gpt2lite.quantization import quantize_nf4  # noqa: E402
 from gpt2lite.peft.ia3 import add_ia3  # noqa: E402
 from gpt2lite.peft.prefix import add_prefix  # noqa: E402
 from gpt2lite.peft.prompt import add_soft_prompt  # noqa: E402
