@@ -21,7 +21,7 @@ import torch
 
 from gpt2lite.model.config import GPT2Config
 from gpt2lite.model.gpt2 import GPT2, GPT2ForSequenceClassification, count_parameters
-from gpt2lite.tasks.loading import hub_reachable
+from gpt2lite.hub.pretrained import hub_reachable
 
 logger = logging.getLogger(__name__)
 

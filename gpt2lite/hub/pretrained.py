@@ -94,6 +94,27 @@ def _download_bin_if_needed(directory: str, name_or_path: str) -> str:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (HF_ENDPOINT) answers within `timeout` seconds; False at once when an
+    offline switch is set. Checked before hub calls because `datasets` retries an unreachable hub for half a
+    minute. The question goes through huggingface_hub's own HTTP session, as the downloads will: through
+    the proxy that HTTPS_PROXY / HTTP_PROXY name, with its offline mode. Any HTTP answer counts as reachable;
+    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable. The
+    offline switches are offline_switch's."""
+    if offline_switch() is not None:
+        return False
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # httpx2/httpx/requests errors by huggingface_hub version, or OfflineModeIsEnabled
+        logger.info("the Hugging Face Hub at %s is unreachable: %s: %s", constants.ENDPOINT, type(error).__name__,
+                    error)
+        return False
+    return True
+
+
 def read_config(directory: str) -> GPT2Config:
     """GPT2Config from a checkpoint directory's config.json, through its architecture's mapping."""
     path = os.path.join(directory, "config.json")

@@ -14,7 +14,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Union
 
 from gpt2lite.errors import DataError
-from gpt2lite.hub.pretrained import offline_switch
+from gpt2lite.hub.pretrained import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -84,27 +84,6 @@ def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
             "FILE), e.g. a JSONL file with one object per line."
         ) from None
     return require_rows(table, f"{dataset} split {split!r}")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub (HF_ENDPOINT) answers within `timeout` seconds; False at once when an
-    offline switch is set. Checked before hub calls because `datasets` retries an unreachable hub for half a
-    minute. The question goes through huggingface_hub's own HTTP session, as the downloads will: through
-    the proxy that HTTPS_PROXY / HTTP_PROXY name, with its offline mode. Any HTTP answer counts as reachable;
-    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable. The
-    offline switches are hf.offline_switch's."""
-    if offline_switch() is not None:
-        return False
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception as error:  # httpx2/httpx/requests errors by huggingface_hub version, or OfflineModeIsEnabled
-        logger.info("the Hugging Face Hub at %s is unreachable: %s: %s", constants.ENDPOINT, type(error).__name__,
-                    error)
-        return False
-    return True
 
 
 def _load_local(data_files: DataFiles, split: str, keep_linebreaks: bool = False):

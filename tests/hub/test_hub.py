@@ -31,7 +31,8 @@ from gpt2lite import GPT2
 from gpt2lite.experiment.base_model import load_base_model
 from gpt2lite.tasks.splits import DataConfig, load_splits
 from gpt2lite.peft import load_adapter
-from gpt2lite.tasks.loading import hub_reachable, load_table
+from gpt2lite.hub.pretrained import hub_reachable
+from gpt2lite.tasks.loading import load_table
 
 out = sys.argv[1]
 ids = torch.tensor(json.loads(sys.argv[2]))
