@@ -252,6 +252,15 @@ def test_no_package_imports_a_later_stage():
                                   "to the stage that needs it, or pass it in)", offenders)
 
 
+def test_the_model_and_the_training_loop_know_adapters_only_by_their_protocol():
+    """Soft-prompt rules stay in peft: the model and the loop read what adapters publish (num_virtual_tokens,
+    label_offset, adapter_parameters), never import peft."""
+    offenders = [f"{where} {module} imports {target}" for module, edges in import_graph().items()
+                 if module.startswith(("gpt2lite.model", "gpt2lite.training")) for target, where, _ in edges
+                 if target.startswith("gpt2lite.peft")]
+    assert not offenders, failure("imports of peft from the model or the training loop", offenders)
+
+
 def test_no_import_cycle_between_modules():
     found = cycles(import_graph())
     assert not found, failure("import cycles (function-level imports included; move the shared piece to the lower "

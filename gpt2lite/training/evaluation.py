@@ -22,11 +22,9 @@ def label_count(labels: torch.Tensor, first_too: bool = False) -> int:
 
 
 def scores_first_label(model) -> bool:
-    """Whether `model` (or the module DDP wraps) scores labels[:, 0]: an enabled soft prompt does, as in peft."""
-    from gpt2lite.peft.prompt import soft_prompt
-
-    prompt = soft_prompt(getattr(model, "module", model))
-    return prompt is not None and prompt.adapter_enabled
+    """Whether `model` (or the module DDP wraps) scores labels[:, 0]: the label offset its adapter publishes
+    (an enabled soft prompt's last virtual token predicts the first real token, as in peft)."""
+    return getattr(getattr(model, "module", model), "label_offset", 0) > 0
 
 
 def require_label_tokens(dataset, name: str):
