@@ -261,6 +261,31 @@ def test_the_model_and_the_training_loop_know_adapters_only_by_their_protocol():
     assert not offenders, failure("imports of peft from the model or the training loop", offenders)
 
 
+def user_code_subpackages(source: str) -> set:
+    """The gpt2lite subpackages a script imports from (gpt2lite itself, the face, is not one)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        found.update(name.split(".")[1] for name in names if name.startswith("gpt2lite."))
+    return found
+
+
+def test_the_notebook_and_the_examples_import_from_the_face_and_two_subpackages_at_most():
+    import json
+
+    notebook = json.loads((ROOT / "notebooks" / "quickstart.ipynb").read_text(encoding="utf-8"))
+    cells = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    scripts = {"notebooks/quickstart.ipynb": "\n".join(line for cell in cells for line in cell.splitlines()
+                                                       if not line.startswith("%"))}
+    scripts.update({str(path.relative_to(ROOT)): path.read_text(encoding="utf-8")
+                    for path in sorted((ROOT / "examples").glob("*.py"))})
+    offenders = [f"{name}: {sorted(found)}" for name, source in scripts.items()
+                 if len(found := user_code_subpackages(source)) > 2]
+    assert len(scripts) >= 2 and not offenders, failure("user code importing from more than two subpackages "
+                                                        "(export what it needs from the face)", offenders)
+
+
 def test_no_import_cycle_between_modules():
     found = cycles(import_graph())
     assert not found, failure("import cycles (function-level imports included; move the shared piece to the lower "

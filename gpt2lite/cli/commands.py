@@ -18,9 +18,9 @@ from gpt2lite.experiment.pretrain import PretrainConfig
 from gpt2lite.experiment.search import SearchConfig
 from gpt2lite.seed import seed_everything
 from gpt2lite.training.config import TrainConfig
-from gpt2lite.cli.pipeline import Run
+from gpt2lite.cli.pipeline import MethodRun
 
-DEFAULT_RUNS = (Run(), Run(MethodConfig(name="full")), Run(MethodConfig(name="lora")))
+DEFAULT_RUNS = (MethodRun(), MethodRun(MethodConfig(name="full")), MethodRun(MethodConfig(name="lora")))
 
 
 def finetune(model: str = "gpt2", data: DataConfig = DataConfig(), method: MethodConfig = MethodConfig(name="lora"),
@@ -43,12 +43,12 @@ def finetune(model: str = "gpt2", data: DataConfig = DataConfig(), method: Metho
             standard library's docstrings, cached; see --pretrain) or "random" (random init, the tiny preset).
         pretrain: how the "pretrained" fallback is pretrained (the first run; later runs load it from the cache).
     """
-    return _train_and_report([Run(method)], model, data, train, generation, search,
+    return _train_and_report([MethodRun(method)], model, data, train, generation, search,
                              _fallback(fallback, fallback_model, pretrain), nested=False,
                              title=f"{data.task}: {method.name}")
 
 
-def compare(model: str = "gpt2", data: DataConfig = DataConfig(), runs: Tuple[Run, ...] = DEFAULT_RUNS,
+def compare(model: str = "gpt2", data: DataConfig = DataConfig(), runs: Tuple[MethodRun, ...] = DEFAULT_RUNS,
             train: TrainConfig = TrainConfig(output_dir="runs/compare"),
             generation: GenerationConfig = GenerationConfig(), search: SearchConfig = SearchConfig(),
             fallback: bool = False, fallback_model: str = "pretrained", pretrain: PretrainConfig = PretrainConfig(),

@@ -20,7 +20,7 @@ from gpt2lite.experiment.runs import run_method
 from gpt2lite.generation.decoding import GenerationConfig
 from gpt2lite.peft import MethodConfig
 from gpt2lite.experiment.search import SearchConfig, run_search, space_for
-from gpt2lite.tasks.builders import build_task, infer_num_labels, virtual_tokens
+from gpt2lite.tasks.builders import build_task, infer_num_labels, virtual_positions
 from gpt2lite.tasks import subset
 from gpt2lite.tokenizer import Tokenizer
 from gpt2lite.training.config import TrainConfig
@@ -28,7 +28,7 @@ from gpt2lite.experiment.outputs import ADAPTER_METHODS, save_outputs
 from gpt2lite.hub.tokenizer_files import save_tokenizer_files
 
 @dataclass(frozen=True)
-class Run:
+class MethodRun:
     """One row of a comparison: a method (None: no fine-tuning) and what differs from the shared settings."""
 
     method: Optional[MethodConfig] = None  # None: the base model, evaluated without training
@@ -68,7 +68,7 @@ def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods:
     reference = None
     if not base.random_init and base.description == f"pretrained weights: {model}":
         reference = os.path.abspath(model) if os.path.isdir(model) else model
-    context = base.model.config.n_positions - max([virtual_tokens(m) for m in methods] or [0])
+    context = base.model.config.n_positions - max([virtual_positions(m) for m in methods] or [0])
     task = build_task(data, splits, Tokenizer(), context, generation)
     notes = [f"model: {base.description}", f"data: {splits.description}",
              f"examples: {len(task.train)} train, {len(task.validation)} validation, {task.test_size} test"]
@@ -92,14 +92,14 @@ def base_reference(setup: Setup, output_dir: str) -> str:
     return setup.base_reference
 
 
-def train_config_for(run: Run, train: TrainConfig, output_dir: str) -> TrainConfig:
+def train_config_for(run: MethodRun, train: TrainConfig, output_dir: str) -> TrainConfig:
     changes = {"output_dir": output_dir}
     if run.lr is not None:
         changes["lr"] = run.lr
     return dataclasses.replace(train, **changes)
 
 
-def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search: SearchConfig,
+def run_one(run: MethodRun, setup: Setup, train: TrainConfig, output_dir: str, search: SearchConfig,
             reference_dir: str, last_use: bool = False) -> List[dict]:
     """Train (or search, then train) one method in output_dir, save what it produced, return its report
     rows (two with merged_row). last_use: no later run needs the base, so this one trains the base itself
@@ -121,7 +121,7 @@ def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search:
     return rows
 
 
-def merged_row(run: Run, result, setup: Setup) -> dict:
+def merged_row(run: MethodRun, result, setup: Setup) -> dict:
     """The report row of the run's LoRA merged into the weights (merge_and_unload)."""
     from gpt2lite.peft import merge_and_unload
     from gpt2lite.experiment.report import method_row
@@ -134,7 +134,7 @@ def merged_row(run: Run, result, setup: Setup) -> dict:
                       base_kind=setup.base.kind)
 
 
-def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchConfig):
+def search_method(run: MethodRun, setup: Setup, config: TrainConfig, search: SearchConfig):
     """Optuna trials of one method (each in config.output_dir/trial_<n>/, the study in search.storage); the
     best trial's model, or with retrain_best_model the best configuration trained again on the whole
     training split. None in a worker that did not finish the search's last trial: that one writes the result."""
@@ -182,7 +182,7 @@ def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchCon
     return best_trial_result(run, setup, method, config, found)
 
 
-def best_trial_result(run: Run, setup: Setup, method: MethodConfig, config: TrainConfig, found: dict):
+def best_trial_result(run: MethodRun, setup: Setup, method: MethodConfig, config: TrainConfig, found: dict):
     """The best trial's model rebuilt from its folder (it may have run in another process), scored on the
     test split."""
     from gpt2lite.training.checkpoint import load_trainable

@@ -4,8 +4,10 @@ report (report), and what a run leaves and reading it back (outputs)."""
 
 from gpt2lite.experiment.base_model import BaseModel, load_base_model
 from gpt2lite.experiment.outputs import load_for_inference, save_model, save_outputs
+from gpt2lite.experiment.pretrain import PretrainConfig, load_or_pretrain
 from gpt2lite.experiment.report import method_row, write_report
 from gpt2lite.experiment.runs import MethodResult, run_method
 
 __all__ = ["BaseModel", "load_base_model", "MethodResult", "run_method", "method_row", "write_report",
-           "save_outputs", "save_model", "load_for_inference"]
+           "save_outputs", "save_model", "load_for_inference",
+           "PretrainConfig", "load_or_pretrain"]

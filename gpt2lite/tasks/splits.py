@@ -106,7 +106,7 @@ class TextSplits:
     train: object
     validation: object
     test: object
-    source_column: str
+    input_column: str
     target_column: str
     description: str
     fallback: bool = False

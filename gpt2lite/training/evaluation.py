@@ -14,7 +14,7 @@ from gpt2lite.training.precision import autocast, resolve_precision
 
 def label_count(labels: torch.Tensor, first_too: bool = False) -> int:
     """How many targets a batch's mean loss averages: label tokens (B, T) after the one-token shift that
-    causal_lm_loss applies, or examples for class labels (B,). first_too: labels[:, 0] is scored as well
+    lm_loss applies, or examples for class labels (B,). first_too: labels[:, 0] is scored as well
     (behind a soft prompt, whose last virtual token predicts the first real token)."""
     if labels.dim() == 1:
         return labels.numel()
