@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--name", default="compare_trees", help="results/<name>.{json,md}")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="time the two trees only (a busy machine: the ratio this / baseline is the result)")
     args = parser.parse_args(argv)
     for name in ("modes", "workloads", "summarization_modes"):
         setattr(args, name, [x for x in getattr(args, name).split(",") if x])
@@ -77,6 +79,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     this, baseline = HERE.parent, Path(args.baseline).resolve()
     runners = {"reference": (this, "reference"), "this": (this, "gpt2lite"), "baseline": (baseline, "gpt2lite")}
+    if args.no_reference:
+        del runners["reference"]
     common = dict(preset="gpt2", threads=args.threads, device="cpu", precision="fp32", seed=0)
     results = dict(machine=machine_info("cpu"), settings=vars(args), baseline=str(baseline), rows=[])
     with tempfile.TemporaryDirectory(prefix="gpt2lite-trees-") as tmp:

@@ -19,10 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from gpt2lite import Tokenizer  # noqa: E402
-from gpt2lite.experiment.runs import load_base_model, run_method, summarization_splits, summarization_task  # noqa: E402
+from gpt2lite.experiment.base_model import load_base_model  # noqa: E402
+from gpt2lite.experiment.runs import run_method
+from gpt2lite.tasks.builders import summarization_task
 from gpt2lite.experiment.pretrain import PretrainConfig  # noqa: E402
 from gpt2lite.experiment.report import write_report  # noqa: E402
-from gpt2lite.training.loop import TrainConfig  # noqa: E402
+from gpt2lite.tasks.splits import DataConfig, load_splits  # noqa: E402
+from gpt2lite.training.config import TrainConfig  # noqa: E402
 
 METHODS = {  # label -> (MethodConfig fields, learning rate, optimizer steps)
     "none": (None, None, None),
@@ -71,7 +74,8 @@ def main(argv=None):
     clock = Clock()
     settings = PretrainConfig(preset=args.preset, steps=args.pretrain_steps)
     base = clock("base", load_base_model, "gpt2", fallback_pretrain=settings)
-    splits = clock("data", summarization_splits, seed=args.seed)
+    splits = clock("data", load_splits, DataConfig(dataset="cnn_dailymail", dataset_config="3.0.0", seed=args.seed),
+                   allow_fallback=True)
     tokenizer = Tokenizer()
     context = base.model.config.n_positions
     reserved = max([METHODS[m][0]["n_tokens"] for m in args.methods if m == "prompt"] or [0])

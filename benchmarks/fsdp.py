@@ -79,7 +79,7 @@ def build(spec: dict):
     """The row's model from a random-init checkpoint of the preset: sharded as it loads under FSDP
     (fsdp_load.load_sharded), else loaded whole (QLoRA: quantized as it loads)."""
     from gpt2lite import GPT2
-    from gpt2lite.training.fsdp_load import load_sharded
+    from gpt2lite.experiment.fsdp_load import load_sharded
     from gpt2lite.peft.methods import apply
 
     if spec["strategy"] == "fsdp" and spec["processes"] > 1:

@@ -7,7 +7,7 @@
 
 The steps, in order: load the base model, add LoRA, build the summarization task, train, evaluate ROUGE on
 the test split, save the adapter in peft's format, then load it back and summarize a few test articles.
-(`gpt2lite.experiment.runs.run_method` does steps 2, 4 and 5 in one call; the command line is built on it.)
+(`gpt2lite.experiment.run_method` does steps 2, 4 and 5 in one call; the command line is built on it.)
 The settings are the library's own dataclasses (DataConfig, MethodConfig, TrainConfig, GenerationConfig):
 edit them below, or override any field from the command line (jsonargparse makes main's parameters flags,
 named as in `gpt2lite finetune`; `--config my.yaml` reads them from YAML).
@@ -21,30 +21,25 @@ works; they are not GPT-2 results.
 import json
 import os
 
-from gpt2lite import GPT2, Tokenizer, count_parameters
-from gpt2lite.tasks.splits import DataConfig, load_splits
-from gpt2lite.experiment.runs import build_task, generate_texts, load_base_model
-from gpt2lite.generation.decoding import GenerationConfig
-from gpt2lite.peft import MethodConfig, apply, load_adapter, save_adapter
-from gpt2lite.experiment.pretrain import PretrainConfig
-from gpt2lite.experiment.report import method_row, write_report
-from gpt2lite.seed import seed_everything
-from gpt2lite.tasks import DEFAULT_TEMPLATE, build_generation_prompts
-from gpt2lite.training.loop import TrainConfig, train as train_loop
+from gpt2lite import (GPT2, DataConfig, GenerationConfig, Tokenizer, TrainConfig, build_task, count_parameters,
+                      load_splits, peft, seed_everything)
+from gpt2lite import train as train_loop
+from gpt2lite.experiment import PretrainConfig, load_base_model, method_row, write_report
+from gpt2lite.tasks import DEFAULT_TEMPLATE, build_generation_prompts, generate_texts
 
 # -- settings: recipes/demo.yaml's LoRA run; each field is a flag (--model, --data.train, --method.rank, ...) --
 MODEL = "gpt2"  # a hub id or a checkpoint directory
 DATA = DataConfig(task="summarization", dataset="cnn_dailymail", dataset_config="3.0.0",  # or train="my.jsonl"
                   max_length=256, max_train_samples=2000, max_validation_samples=100, max_test_samples=50)
-METHOD = MethodConfig(name="lora", rank=8, alpha=16.0, dropout=0.05, targets=("c_attn", "c_proj", "c_fc"))
+METHOD = peft.MethodConfig(name="lora", rank=8, alpha=16.0, dropout=0.05, targets=("c_attn", "c_proj", "c_fc"))
 TRAIN = TrainConfig(output_dir="runs/lora_summarize", lr=3e-3, batch_size=8, epochs=None, max_steps=100,
                     warmup_steps=10, schedule="cosine", eval_every=25)
 GENERATION = GenerationConfig(max_new_tokens=24)
 PRETRAIN = PretrainConfig()  # offline only: the small base pretrained on docstrings (450 steps, then cached)
 
 
-def main(model: str = MODEL, data: DataConfig = DATA, method: MethodConfig = METHOD, train: TrainConfig = TRAIN,
-         generation: GenerationConfig = GENERATION, fallback: bool = True, pretrain: PretrainConfig = PRETRAIN,
+def main(model: str = MODEL, data: DataConfig = DATA, method: peft.MethodConfig = METHOD,
+         train: TrainConfig = TRAIN, generation: GenerationConfig = GENERATION, fallback: bool = True, pretrain: PretrainConfig = PRETRAIN,
          show: int = 3) -> dict:
     """Fine-tune LoRA for summarization, score it, save the adapter and summarize a few test articles.
 
@@ -76,7 +71,7 @@ def main(model: str = MODEL, data: DataConfig = DATA, method: MethodConfig = MET
     # A is drawn from torch's generator, seeded from the run's seed right here, whatever ran before (a first
     # offline run pretrains the base): the same settings give the same run
     seed_everything(train.seed)
-    apply(base.model, method)
+    peft.apply(base.model, method)
     trainable, total = count_parameters(base.model)
     print(f"{method.name}: rank {method.rank}, alpha {method.alpha:g} on {', '.join(method.targets or ['c_attn'])}: "
           f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f}%)")
@@ -104,11 +99,11 @@ def main(model: str = MODEL, data: DataConfig = DATA, method: MethodConfig = MET
 
     # 6. Save the adapter in peft's format (peft.PeftModel.from_pretrained(base, adapter_dir) loads it too)
     adapter_dir = os.path.join(output_dir, "adapter")
-    save_adapter(base.model, adapter_dir, base_model_name_or_path=base_dir)
+    peft.save_adapter(base.model, adapter_dir, base_model_name_or_path=base_dir)
     print(f"adapter: {adapter_dir} (base: {base_dir}); report, predictions.jsonl: {output_dir}")
 
     # 7. Later, anywhere: the base + the saved adapter, summarizing a few test articles
-    reloaded = load_adapter(GPT2.from_pretrained(base_dir), adapter_dir).eval()
+    reloaded = peft.load_adapter(GPT2.from_pretrained(base_dir), adapter_dir).eval()
     shown, texts = predictions[:show], []
     if shown:
         prompts = build_generation_prompts(shown, tokenizer, "source", "reference",

@@ -1,7 +1,7 @@
 """The language-modelling loss, textbook: the LM head and cross-entropy at the labelled positions only.
 
 GPT2.forward(..., labels=...) calls `lm_loss`; use_fast_kernels (on by default) swaps in
-gpt2lite.kernels.loss.causal_lm_loss, which gives the same loss and gradients without ever holding the
+gpt2lite.kernels.loss.lm_loss, which gives the same loss and gradients without ever holding the
 (positions x vocab) logits.
 
 Under torch.compile both take `all_positions_loss`: selecting the labelled positions gives a tensor whose

@@ -24,7 +24,7 @@ from train_helpers import collate_lm, lm_examples, tiny_model  # noqa: E402
 
 from gpt2lite.training.checkpoint import trainable_state_dict  # noqa: E402
 from gpt2lite.peft.adapter_io import save_adapter  # noqa: E402
-from gpt2lite.peft.lora.quantized import nf4_layers  # noqa: E402
+from gpt2lite.quantization.linear import nf4_layers  # noqa: E402
 from gpt2lite.training.loop import train  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def train_streamed(output_dir: str):
     random state case_model leaves (the same LoRA draws), then trained as the qlora-fsdp case; records the
     live tensor bytes as each 4-bit layer is filled (the moments its quantized copy is held), the whole
     4-bit model's bytes and the largest layer's (float weight and 4-bit copy)."""
-    from gpt2lite.training.fsdp_load import load_sharded
+    from gpt2lite.experiment.fsdp_load import load_sharded
 
     base = os.path.join(output_dir, "base")
     whole = case_model("qlora")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 from gpt2lite.peft import add_ia3, add_lora, add_prefix, add_soft_prompt, load_adapter, save_adapter
 
 TOKENS = torch.tensor([[464, 2068, 7586, 21831, 18045, 625], [40, 588, 257, 922, 1492, 546]])

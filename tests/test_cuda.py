@@ -37,10 +37,12 @@ from conftest import hf_gpt2_config  # noqa: E402
 from gpt2lite import GPT2, GPT2Config, generate  # noqa: E402
 from gpt2lite.model.architectures import ARCHITECTURES  # noqa: E402
 from gpt2lite.training.checkpoint import load_checkpoint  # noqa: E402
-from gpt2lite.peft import LoRALinear, add_lora, load_adapter, quantize_nf4, save_adapter  # noqa: E402
-from gpt2lite.peft.lora.layer import lora_trainable_parameters  # noqa: E402
+from gpt2lite.peft import LoRALinear, add_lora, load_adapter, save_adapter  # noqa: E402
+from gpt2lite.quantization import quantize_nf4  # noqa: E402
+from gpt2lite.peft.lora.add import lora_trainable_parameters  # noqa: E402
 from gpt2lite.quantization.nf4 import dequantize_nf4_tensor, quantize_nf4_tensor  # noqa: E402
-from gpt2lite.training.loop import TrainConfig, train  # noqa: E402
+from gpt2lite.training.config import TrainConfig  # noqa: E402
+from gpt2lite.training.loop import train
 from helpers import TOKENS, batch  # noqa: E402
 from train_helpers import (Crash, collate_lm, crash_at, lm_examples, pattern_examples, resume_config,  # noqa: E402
                            tiny_model)

@@ -10,7 +10,7 @@ import torch
 from conftest import hf_gpt2_config
 
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +60,7 @@ def test_offline_switches_read_as_huggingface_hub_reads_them(monkeypatch, value,
     from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
 
     from gpt2lite.hub.pretrained import offline_switch
-    from gpt2lite.tasks.loading import hub_reachable
+    from gpt2lite.hub.pretrained import hub_reachable
 
     assert (value.upper() in ENV_VARS_TRUE_VALUES) is offline  # huggingface_hub's own set agrees
     for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):

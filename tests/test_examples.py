@@ -22,7 +22,7 @@ from gpt2lite.generation.decoding import GenerationConfig
 from gpt2lite.peft import MethodConfig, load_adapter
 from gpt2lite.experiment.pretrain import PretrainConfig
 from gpt2lite.tasks import docstring_corpus
-from gpt2lite.training.loop import TrainConfig
+from gpt2lite.training.config import TrainConfig
 
 SCRIPT = REPO_ROOT / "examples" / "lora_summarize.py"
 WORDS = ("the council approved a new budget for schools and roads after a long debate while residents asked "
@@ -144,7 +144,7 @@ def test_without_arguments_it_falls_back_offline_to_the_pretrained_base_and_docs
     monkeypatch.setenv("GPT2LITE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("gpt2lite.tasks.docstrings.pretraining_texts",
                         lambda **kwargs: [f"def {w}(x):\nReturn the {w} of x, or None." for w in WORDS] * 20)
-    monkeypatch.setattr("gpt2lite.tasks.text_splits.docstring_corpus", lambda *args: docstring_corpus(60))  # the first 60
+    monkeypatch.setattr("gpt2lite.tasks.splits.docstring_corpus", lambda *args: docstring_corpus(60))  # the first 60
     example = load_example("lora_summarize")
     defaults = {name: p.default for name, p in inspect.signature(example.main).parameters.items()}
     assert defaults["model"] == "gpt2" and defaults["data"].train is None and defaults["fallback"] is True

@@ -20,7 +20,7 @@ from gpt2lite import GPT2, GPT2Config, Tokenizer
 from gpt2lite.training.checkpoint import load_checkpoint
 from gpt2lite.errors import CheckpointError
 from gpt2lite.files import atomic_write
-from gpt2lite.kernels.loss import causal_lm_loss
+from gpt2lite.kernels.loss import lm_loss as causal_lm_loss
 from gpt2lite.loss import IGNORE_INDEX
 from gpt2lite.tasks import DataError, build_classification, load_table, tokenize_stream
 from gpt2lite.training.loop import train

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2lite import GPT2, GPT2Config
-from gpt2lite.kernels.loss import causal_lm_loss, linear_cross_entropy
+from gpt2lite.kernels.loss import lm_loss as causal_lm_loss, linear_cross_entropy
 from gpt2lite.loss import IGNORE_INDEX
 
 V, C = 50257, 32

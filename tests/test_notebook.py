@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from gpt2lite.training.loop import TrainConfig, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train
 from train_helpers import collate_lm, lm_examples, tiny_model
 from conftest import REPO_ROOT
 

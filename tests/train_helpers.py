@@ -49,7 +49,7 @@ def pattern_examples(n: int, length: int = 24) -> list:
 
 def ddp_config(output_dir, batch_size: int, grad_accum: int):
     """The run test_ddp compares: 2 steps over 8 examples (one epoch each), evaluation after each step."""
-    from gpt2lite.training.loop import TrainConfig
+    from gpt2lite.training.config import TrainConfig
 
     return TrainConfig(output_dir=str(output_dir), lr=1e-2, batch_size=batch_size, grad_accum=grad_accum,
                        epochs=None, max_steps=2, clip=1.0, eval_every=1, progress_bar=False)
@@ -58,7 +58,7 @@ def ddp_config(output_dir, batch_size: int, grad_accum: int):
 def resume_config(output_dir, **overrides):
     """The run the resume tests interrupt: 10 examples in micro-batches of 2, 2 per step, so 3 steps an
     epoch (the last one a single micro-batch); 8 steps, evaluation every 2, a checkpoint every 3."""
-    from gpt2lite.training.loop import TrainConfig
+    from gpt2lite.training.config import TrainConfig
 
     return TrainConfig(**{**dict(output_dir=str(output_dir), lr=3e-3, batch_size=2, grad_accum=2, epochs=None,
                                  max_steps=8, warmup_steps=2, eval_every=2, save_every=3, clip=0.5,

@@ -11,6 +11,8 @@ SearchConfig) turned into a flag by jsonargparse; `--config FILE.yaml` reads the
 later flags override it. Only this package imports jsonargparse and PyYAML; the library works without them.
 """
 
+__all__ = ["run", "main"]
+
 
 def run(argv=None):
     """Parse argv (default sys.argv[1:]) and run the subcommand; returns what the subcommand returns."""

@@ -17,10 +17,10 @@ from gpt2lite.peft import MethodConfig
 from gpt2lite.experiment.pretrain import PretrainConfig
 from gpt2lite.experiment.search import SearchConfig
 from gpt2lite.seed import seed_everything
-from gpt2lite.training.loop import TrainConfig
-from gpt2lite.cli.pipeline import Run
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.cli.pipeline import MethodRun
 
-DEFAULT_RUNS = (Run(), Run(MethodConfig(name="full")), Run(MethodConfig(name="lora")))
+DEFAULT_RUNS = (MethodRun(), MethodRun(MethodConfig(name="full")), MethodRun(MethodConfig(name="lora")))
 
 
 def finetune(model: str = "gpt2", data: DataConfig = DataConfig(), method: MethodConfig = MethodConfig(name="lora"),
@@ -43,12 +43,12 @@ def finetune(model: str = "gpt2", data: DataConfig = DataConfig(), method: Metho
             standard library's docstrings, cached; see --pretrain) or "random" (random init, the tiny preset).
         pretrain: how the "pretrained" fallback is pretrained (the first run; later runs load it from the cache).
     """
-    return _train_and_report([Run(method)], model, data, train, generation, search,
+    return _train_and_report([MethodRun(method)], model, data, train, generation, search,
                              _fallback(fallback, fallback_model, pretrain), nested=False,
                              title=f"{data.task}: {method.name}")
 
 
-def compare(model: str = "gpt2", data: DataConfig = DataConfig(), runs: Tuple[Run, ...] = DEFAULT_RUNS,
+def compare(model: str = "gpt2", data: DataConfig = DataConfig(), runs: Tuple[MethodRun, ...] = DEFAULT_RUNS,
             train: TrainConfig = TrainConfig(output_dir="runs/compare"),
             generation: GenerationConfig = GenerationConfig(), search: SearchConfig = SearchConfig(),
             fallback: bool = False, fallback_model: str = "pretrained", pretrain: PretrainConfig = PretrainConfig(),
@@ -148,8 +148,8 @@ def evaluate(model: Optional[str] = None, adapter: Optional[str] = None, data: D
     from gpt2lite.experiment.report import method_row, write_report
     from gpt2lite.tasks import collate
     from gpt2lite.tokenizer import Tokenizer
-    from gpt2lite.training.loop import evaluate_loss
-    from gpt2lite.cli.pipeline import load_for_inference, write_jsonl
+    from gpt2lite.training.evaluation import evaluate_loss
+    from gpt2lite.experiment.outputs import load_for_inference, write_jsonl
 
     seed_everything(data.seed)  # generation with temperature > 0 samples
     splits = load_splits(data)
@@ -203,8 +203,8 @@ def merge(adapter: str, output: str, model: Optional[str] = None) -> str:
     """
     from gpt2lite.peft import merge_and_unload
     from gpt2lite.peft.adapter_io import read_adapter_config, resolve_adapter
-    from gpt2lite.peft.lora.layer import lora_layers
-    from gpt2lite.cli.pipeline import load_for_inference, save_model
+    from gpt2lite.peft.lora.add import lora_layers
+    from gpt2lite.experiment.outputs import load_for_inference, save_model
 
     loaded, description = load_for_inference(model, adapter, device="cpu")
     if not lora_layers(loaded):

@@ -50,7 +50,7 @@ def estimate(model: str = "gpt2", data: DataConfig = DataConfig(), method: Metho
         format: "table" or "json" (one JSON object).
     """
     from gpt2lite.estimation.budget import fit_budget, parse_size
-    from gpt2lite.estimation.estimate import describe_run, estimate_run
+    from gpt2lite.estimation.predict import describe_run, estimate_run
 
     if format not in ("table", "json"):
         raise ValueError(f"format must be 'table' or 'json', got {format!r}")

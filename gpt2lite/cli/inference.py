@@ -18,7 +18,7 @@ from gpt2lite.tasks.builders import generate_texts
 from gpt2lite.tasks import DEFAULT_TEMPLATE, build_generation_prompts, load_table
 from gpt2lite.tasks.loading import as_list, require_columns
 from gpt2lite.tokenizer import Tokenizer
-from gpt2lite.cli.pipeline import load_for_inference, write_jsonl
+from gpt2lite.experiment.outputs import load_for_inference, write_jsonl
 
 RUN_CONFIG = "config.yaml"
 

@@ -94,7 +94,7 @@ def run(argv=None):
     """Parse argv and call the subcommand with its options as dataclasses."""
     _require_cli_extra()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("gpt2lite.experiment.base_model", "gpt2lite.tasks.text_splits", "gpt2lite.tasks.builders"):
+    for name in ("gpt2lite.experiment.base_model", "gpt2lite.tasks.splits", "gpt2lite.tasks.builders"):
         logging.getLogger(name).setLevel(logging.ERROR)  # their fallback notes are printed
     parser = build_parser()
     config = parser.parse_args(underscored(sys.argv[1:] if argv is None else argv))

@@ -1,13 +1,6 @@
-"""The work behind the subcommands: base model and data, one run per method, the files a run leaves.
-
-A fine-tuning run writes, in its output directory, beside train()'s files (log.jsonl, checkpoint.pt, ...):
-    adapter/            adapter methods (lora, qlora, prompt, prefix, ia3): peft's format, with
-                        base_model_name_or_path set (peft.PeftModel.from_pretrained and load_adapter read it)
-    model/              methods that change the base weights (full, last_n, bitfit, frozen): a Hugging Face
-                        checkpoint with GPT-2's tokenizer files (transformers.AutoTokenizer loads it offline)
-    predictions.jsonl   one {"source", "reference", "prediction"} per test example
-When the base model cannot be named (the offline random-init fallback), it is written to base_model/ and
-the adapters point there, so that they can still be loaded.
+"""The work behind the subcommands: base model and data, one run per method, the files a run leaves
+(experiment.outputs says which). When the base model cannot be named (the offline random-init fallback), it
+is written to base_model/ and the adapters point there, so that they can still be loaded.
 """
 
 from __future__ import annotations
@@ -25,20 +18,17 @@ from gpt2lite.experiment.base_model import BaseModel, load_base_model
 from gpt2lite.tasks.splits import DataConfig, load_splits
 from gpt2lite.experiment.runs import run_method
 from gpt2lite.generation.decoding import GenerationConfig
-from gpt2lite.files import atomic_write_text
 from gpt2lite.peft import MethodConfig
 from gpt2lite.experiment.search import SearchConfig, run_search, space_for
-from gpt2lite.tasks.builders import build_task, infer_num_labels, virtual_tokens
+from gpt2lite.tasks.builders import build_task, infer_num_labels, virtual_positions
 from gpt2lite.tasks import subset
 from gpt2lite.tokenizer import Tokenizer
-from gpt2lite.training.loop import TrainConfig
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.experiment.outputs import ADAPTER_METHODS, save_outputs
 from gpt2lite.hub.tokenizer_files import save_tokenizer_files
 
-ADAPTER_METHODS = ("lora", "qlora", "prompt", "prefix", "ia3")
-
-
 @dataclass(frozen=True)
-class Run:
+class MethodRun:
     """One row of a comparison: a method (None: no fine-tuning) and what differs from the shared settings."""
 
     method: Optional[MethodConfig] = None  # None: the base model, evaluated without training
@@ -78,7 +68,7 @@ def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods:
     reference = None
     if not base.random_init and base.description == f"pretrained weights: {model}":
         reference = os.path.abspath(model) if os.path.isdir(model) else model
-    context = base.model.config.n_positions - max([virtual_tokens(m) for m in methods] or [0])
+    context = base.model.config.n_positions - max([virtual_positions(m) for m in methods] or [0])
     task = build_task(data, splits, Tokenizer(), context, generation)
     notes = [f"model: {base.description}", f"data: {splits.description}",
              f"examples: {len(task.train)} train, {len(task.validation)} validation, {task.test_size} test"]
@@ -102,14 +92,14 @@ def base_reference(setup: Setup, output_dir: str) -> str:
     return setup.base_reference
 
 
-def train_config_for(run: Run, train: TrainConfig, output_dir: str) -> TrainConfig:
+def train_config_for(run: MethodRun, train: TrainConfig, output_dir: str) -> TrainConfig:
     changes = {"output_dir": output_dir}
     if run.lr is not None:
         changes["lr"] = run.lr
     return dataclasses.replace(train, **changes)
 
 
-def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search: SearchConfig,
+def run_one(run: MethodRun, setup: Setup, train: TrainConfig, output_dir: str, search: SearchConfig,
             reference_dir: str, last_use: bool = False) -> List[dict]:
     """Train (or search, then train) one method in output_dir, save what it produced, return its report
     rows (two with merged_row). last_use: no later run needs the base, so this one trains the base itself
@@ -131,7 +121,7 @@ def run_one(run: Run, setup: Setup, train: TrainConfig, output_dir: str, search:
     return rows
 
 
-def merged_row(run: Run, result, setup: Setup) -> dict:
+def merged_row(run: MethodRun, result, setup: Setup) -> dict:
     """The report row of the run's LoRA merged into the weights (merge_and_unload)."""
     from gpt2lite.peft import merge_and_unload
     from gpt2lite.experiment.report import method_row
@@ -144,32 +134,7 @@ def merged_row(run: Run, result, setup: Setup) -> dict:
                       base_kind=setup.base.kind)
 
 
-def save_outputs(model, method: Optional[MethodConfig], predictions: List[dict], output_dir: str,
-                 base_reference: Optional[str]) -> None:
-    """adapter/ or model/ (see the module docstring) and predictions.jsonl."""
-    from gpt2lite.peft import save_adapter
-
-    os.makedirs(output_dir, exist_ok=True)
-    if method is not None and method.name in ADAPTER_METHODS:
-        save_adapter(model, os.path.join(output_dir, "adapter"), base_model_name_or_path=base_reference)
-    elif method is not None:
-        save_model(model, os.path.join(output_dir, "model"))
-    if predictions:
-        write_jsonl(os.path.join(output_dir, "predictions.jsonl"), predictions)
-
-
-def save_model(model, directory: str) -> None:
-    """A Hugging Face checkpoint (config.json, model.safetensors) and GPT-2's tokenizer files."""
-    model.save_pretrained(directory)
-    save_tokenizer_files(directory, model.config.n_positions)
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write_text(path, text)
-
-
-def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchConfig):
+def search_method(run: MethodRun, setup: Setup, config: TrainConfig, search: SearchConfig):
     """Optuna trials of one method (each in config.output_dir/trial_<n>/, the study in search.storage); the
     best trial's model, or with retrain_best_model the best configuration trained again on the whole
     training split. None in a worker that did not finish the search's last trial: that one writes the result."""
@@ -217,7 +182,7 @@ def search_method(run: Run, setup: Setup, config: TrainConfig, search: SearchCon
     return best_trial_result(run, setup, method, config, found)
 
 
-def best_trial_result(run: Run, setup: Setup, method: MethodConfig, config: TrainConfig, found: dict):
+def best_trial_result(run: MethodRun, setup: Setup, method: MethodConfig, config: TrainConfig, found: dict):
     """The best trial's model rebuilt from its folder (it may have run in another process), scored on the
     test split."""
     from gpt2lite.training.checkpoint import load_trainable
@@ -239,53 +204,3 @@ def best_trial_result(run: Run, setup: Setup, method: MethodConfig, config: Trai
     row = method_row(f"{run.name} (best trial)", summary, model, quality, random_init=setup.base.random_init,
                      base_kind=setup.base.kind)
     return MethodResult(row, model, summary, predictions)
-
-
-def load_for_inference(model: Optional[str], adapter: Optional[str], device: Optional[str] = None,
-                       num_labels: Optional[int] = None):
-    """(model, description): a full checkpoint (`model`), or a base model with `adapter` loaded into it;
-    the base is `model` when given, else the adapter's base_model_name_or_path."""
-    from gpt2lite.model.gpt2 import GPT2, GPT2ForSequenceClassification
-    from gpt2lite.peft import load_adapter
-    from gpt2lite.peft.adapter_io import read_adapter_config, resolve_adapter
-
-    if model is None and adapter is None:
-        raise ValueError("give --model (a checkpoint directory or hub id) or --adapter (an adapter directory)")
-    description = f"model {model}"
-    if adapter is not None:
-        adapter = resolve_adapter(adapter)
-        config = read_adapter_config(adapter)
-        model = model or config.get("base_model_name_or_path")
-        if not model:
-            raise ValueError(f"{adapter}/adapter_config.json names no base_model_name_or_path; pass the base with "
-                             "--model DIR_OR_HUB_ID")
-        num_labels = num_labels or adapter_num_labels(adapter)
-        description = f"adapter {adapter} on base {model}"
-    cls = GPT2ForSequenceClassification if num_labels or _is_classifier(model) else GPT2
-    loaded = cls.from_pretrained(model, **({"num_labels": num_labels} if num_labels else {}))
-    if adapter is not None:
-        load_adapter(loaded, adapter)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return loaded.to(device).eval(), description
-
-
-def _is_classifier(model: str) -> bool:
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        return False
-    return any(a.endswith("ForSequenceClassification") for a in json.load(open(path)).get("architectures") or [])
-
-
-def adapter_num_labels(adapter: str) -> Optional[int]:
-    """A classifier adapter's number of labels (rows of its saved score head), or None."""
-    from safetensors import safe_open
-
-    path = os.path.join(adapter, "adapter_model.safetensors")
-    if not os.path.isfile(path):
-        return None
-    with safe_open(path, "pt") as f:
-        for key in f.keys():
-            if key.endswith("score.weight"):
-                return f.get_slice(key).get_shape()[0]
-    return None
-

@@ -6,6 +6,6 @@
 The command line: `gpt2lite estimate` (the flags and --config of `gpt2lite finetune`).
 """
 
-from gpt2lite.estimation.estimate import Estimate, estimate
+from gpt2lite.estimation.predict import Estimate, estimate
 
 __all__ = ["Estimate", "estimate"]

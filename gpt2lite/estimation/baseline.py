@@ -38,9 +38,13 @@ print(json.dumps({"baseline_mb": peak_mb(), "imports_mb": imported}))
 
 
 def cache_key() -> str:
-    from gpt2lite import __version__
+    from importlib import metadata
 
-    return f"python {platform.python_version()}, torch {torch.__version__}, gpt2lite {__version__}, " \
+    try:
+        version = metadata.version("gpt2lite")  # the installed distribution (the face is a later stage)
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    return f"python {platform.python_version()}, torch {torch.__version__}, gpt2lite {version}, " \
            f"{torch.get_num_threads()} threads"
 
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
-from gpt2lite.estimation.estimate import Estimate, Run, estimate_run
+from gpt2lite.estimation.predict import Estimate, Run, estimate_run
 
 UNITS = {"": 1, "b": 2**-20, "kb": 2**-10, "kib": 2**-10, "mb": 1, "mib": 1, "gb": 2**10, "gib": 2**10,
          "tb": 2**20, "tib": 2**20}

@@ -46,7 +46,7 @@ def storage_keys(tensors) -> set:
 
 def model_tensors(model: torch.nn.Module):
     """(float parameters and buffers, 4-bit layers' buffers)."""
-    from gpt2lite.peft.lora.quantized import nf4_layers
+    from gpt2lite.quantization.linear import nf4_layers
 
     quantized = storage_keys(b for layer in nf4_layers(model).values() for b in layer.buffers())
     tensors = list(model.parameters()) + list(model.buffers())

@@ -17,7 +17,7 @@ import torch
 
 from gpt2lite.training.optim import parameter_groups
 from gpt2lite.training.precision import autocast
-from gpt2lite.estimation.estimate import Run, model_builder
+from gpt2lite.estimation.predict import Run, model_builder
 
 
 @dataclass

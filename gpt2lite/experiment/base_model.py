@@ -21,7 +21,7 @@ import torch
 
 from gpt2lite.model.config import GPT2Config
 from gpt2lite.model.gpt2 import GPT2, GPT2ForSequenceClassification, count_parameters
-from gpt2lite.tasks.loading import hub_reachable
+from gpt2lite.hub.pretrained import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def load_base_model(name_or_path: str = "gpt2", num_labels: Optional[int] = None
     load_options: from_pretrained's, for the pretrained weights (MethodConfig.load_options(): QLoRA's
     quantize-on-load); a fallback model is built in float. A path that is not a directory (./x, /x, a/b/c,
     one under an existing directory) is a CheckpointError ("no directory ..."), never a fallback."""
-    from gpt2lite.hub.pretrained import CheckpointError, looks_like_path
+    from gpt2lite.errors import CheckpointError
+    from gpt2lite.hub.pretrained import looks_like_path
 
     cls = GPT2ForSequenceClassification if num_labels else GPT2
     kwargs = {"num_labels": num_labels} if num_labels else {}
@@ -130,6 +131,6 @@ def copy_for_run(base: BaseModel, method=None) -> torch.nn.Module:
 
 
 def _is_quantized(model: torch.nn.Module) -> bool:
-    from gpt2lite.peft.lora.quantized import nf4_layers
+    from gpt2lite.quantization.linear import nf4_layers
 
     return bool(nf4_layers(model))

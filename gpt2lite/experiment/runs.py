@@ -10,9 +10,6 @@ The command line (gpt2lite.cli) is built from these steps:
 
 The fallbacks never hide: when pretrained weights or the hub dataset cannot be had, the returned objects
 say so in `description`, `random_init` / `fallback` are set, and a warning is logged.
-
-The names of those steps are importable from here too (`from gpt2lite.experiment.runs import load_base_model,
-summarization_splits, build_task, ...`).
 """
 
 from __future__ import annotations
@@ -22,17 +19,13 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
-from gpt2lite.experiment.base_model import BaseModel, copy_for_run, load_base_model
-from gpt2lite.training.memory import peak_memory_mb, reset_peak_memory
+from gpt2lite.experiment.base_model import BaseModel, copy_for_run
 from gpt2lite.seed import seed_everything
-from gpt2lite.tasks.builders import (Task, build_task, classification_task, generate_texts, infer_num_labels,
-                                     language_modeling_task, summarization_task, virtual_tokens)
 from gpt2lite.tasks import LengthGroupedSampler
-from gpt2lite.tasks.text_splits import TextSplits, lm_texts, summarization_splits
+from gpt2lite.tasks.builders import Task
+from gpt2lite.training.memory import peak_memory_mb, reset_peak_memory
 
-__all__ = ["BaseModel", "load_base_model", "TextSplits", "summarization_splits", "lm_texts", "Task", "build_task",
-           "summarization_task", "language_modeling_task", "classification_task", "generate_texts",
-           "infer_num_labels", "virtual_tokens", "MethodResult", "run_method"]
+__all__ = ["MethodResult", "run_method"]
 
 
 @dataclass
@@ -60,7 +53,8 @@ def run_method(label: str, method: Union["MethodConfig", dict, str, None], base:
     from gpt2lite.peft import MethodConfig, apply, train_only
     from gpt2lite.experiment.report import method_row
     from gpt2lite.tasks.batching import collate
-    from gpt2lite.training.loop import evaluate_loss, train
+    from gpt2lite.training.evaluation import evaluate_loss
+    from gpt2lite.training.loop import train
 
     method = None if method is None else MethodConfig.from_value(method)  # a bad option fails before any work
     cpu = torch.device("cpu")

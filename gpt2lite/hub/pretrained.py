@@ -19,10 +19,10 @@ import torch
 from gpt2lite.model.architectures import architecture
 from gpt2lite.model.config import GPT2Config
 from gpt2lite.dtypes import torch_dtype
-from gpt2lite.errors import CheckpointError  # noqa: F401  (re-exported: `from gpt2lite.hf import CheckpointError`)
+from gpt2lite.errors import CheckpointError
 from gpt2lite.files import atomic_write, atomic_write_text, read_json_object
-from gpt2lite.hub.weights import WEIGHT_FILES, CheckpointReader
-from gpt2lite.hub.weights import hf_to_gpt2lite, read_state_dict  # noqa: F401  (re-exported for users of gpt2lite.hf)
+from gpt2lite.hub.quantized import load_quantized
+from gpt2lite.hub.weights import WEIGHT_FILES, CheckpointReader, model_for_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,27 @@ def _download_bin_if_needed(directory: str, name_or_path: str) -> str:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (HF_ENDPOINT) answers within `timeout` seconds; False at once when an
+    offline switch is set. Checked before hub calls because `datasets` retries an unreachable hub for half a
+    minute. The question goes through huggingface_hub's own HTTP session, as the downloads will: through
+    the proxy that HTTPS_PROXY / HTTP_PROXY name, with its offline mode. Any HTTP answer counts as reachable;
+    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable. The
+    offline switches are offline_switch's."""
+    if offline_switch() is not None:
+        return False
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as error:  # httpx2/httpx/requests errors by huggingface_hub version, or OfflineModeIsEnabled
+        logger.info("the Hugging Face Hub at %s is unreachable: %s: %s", constants.ENDPOINT, type(error).__name__,
+                    error)
+        return False
+    return True
+
+
 def read_config(directory: str) -> GPT2Config:
     """GPT2Config from a checkpoint directory's config.json, through its architecture's mapping."""
     path = os.path.join(directory, "config.json")
@@ -118,8 +139,6 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
     directory = _download_bin_if_needed(resolve(name_or_path), name_or_path)
     config = read_config(directory)
     if quantize is not None:
-        from gpt2lite.hub.quantized import load_quantized
-
         return load_quantized(cls, directory, config, quantize, dtype=dtype, device=device, num_labels=num_labels,
                               **quantize_options)
     if quantize_options:
@@ -134,53 +153,6 @@ def load_pretrained(cls, name_or_path: str, dtype=None, device=None, num_labels:
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
     return model.eval()  # as transformers does: dropout off until training asks for it
-
-
-def model_for_checkpoint(cls, config: GPT2Config, directory: str, shapes: Dict[str, torch.Size],
-                         num_labels: Optional[int] = None):
-    """The `cls` model on the meta device that a checkpoint with these tensor shapes (gpt2lite names) loads
-    into, after checking that they match. Returns (model, the checkpoint keys to load, new tensors the
-    checkpoint lacks (a new classification head), whether lm_head is to be tied to wte)."""
-    kwargs = {}
-    if cls.__name__.endswith("ForSequenceClassification"):
-        if "score.weight" in shapes:
-            found = shapes["score.weight"][0]
-            if num_labels is not None and num_labels != found:
-                raise CheckpointError(f"the checkpoint's score head has {found} labels, num_labels={num_labels} was asked for")
-            num_labels = found
-        elif config.pad_token_id is None:
-            # a new head: GPT-2 has no pad token; batches are padded with eos, as transformers users do
-            config = config.replace(pad_token_id=config.eos_token_id)
-        kwargs["num_labels"] = num_labels if num_labels is not None else config.num_labels
-    with torch.device("meta"):
-        model = cls(config, **kwargs)
-    expected = model.state_dict()
-    tied = config.tie_word_embeddings and "lm_head.weight" in expected
-    if tied:  # lm_head is the same matrix as transformer.wte
-        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
-    keys = set(shapes)
-    for head in ("lm_head.weight", "score.weight"):  # a language model from a classifier or the reverse
-        if head not in expected and head in keys:
-            keys.discard(head)
-            logger.info("ignoring %s from %s: %s has no such head", head, directory, cls.__name__)
-    new = {}
-    if "score.weight" in expected and "score.weight" not in keys:  # a new classification head
-        new["score.weight"] = torch.empty(expected["score.weight"].shape).normal_(0.0, config.initializer_range)
-    missing = sorted(set(expected) - keys - set(new))
-    unexpected = sorted(keys - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint in {directory!r} does not match {cls.__name__}({config.model_type}, "
-            f"n_layer={config.n_layer}): missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-        )
-    for key in expected:  # in module order: the first mismatch is the one to fix
-        if key in keys and tuple(shapes[key]) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"{key}: the checkpoint has shape {tuple(shapes[key])}, the model expects "
-                f"{tuple(expected[key].shape)}; config.json and the weights disagree (a checkpoint of another size?)"
-            )
-    return model, sorted(keys), new, tied
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -1,7 +1,7 @@
 """Quantize while loading: `GPT2.from_pretrained(path, quantize="nf4")` never holds the float model.
 
 The model is built on the meta device; the checkpoint is read one tensor at a time; each block linear is
-materialised from its weight and bias and at once replaced by its 4-bit NF4Linear (gpt2lite.peft.lora.quantized), so
+materialised from its weight and bias and at once replaced by its 4-bit NF4Linear (gpt2lite.quantization.linear), so
 its float weight is freed before the next is read. The embeddings, LayerNorms and anything else not
 quantized are read last. Peak memory is about the 4-bit model plus one float layer (gpt2-xl: the float
 checkpoint is 6.2 GB). The result equals from_pretrained followed by quantize_nf4, code for code.
@@ -22,8 +22,9 @@ from gpt2lite.model.config import GPT2Config
 from gpt2lite.model.architectures import architecture, default_targets
 from gpt2lite.dtypes import torch_dtype
 from gpt2lite.errors import CheckpointError
-from gpt2lite.hub.pretrained import model_for_checkpoint
-from gpt2lite.hub.weights import CheckpointReader
+from gpt2lite.hub.weights import CheckpointReader, model_for_checkpoint
+from gpt2lite.model.surgery import find_targets
+from gpt2lite.quantization.linear import quantize_nf4
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ def load_quantized(cls, directory: str, config: GPT2Config, quantize: str, dtype
     as from_pretrained(dtype=...) then quantize_nf4 would have them. compute_dtype ("float32", "bfloat16",
     "float16" or the torch dtype): the dtype the 4-bit layers compute in. double_quant: 8-bit block constants.
     """
-    from gpt2lite.peft.lora.quantized import quantize_nf4
-
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} (or None), got {quantize!r}")
     dtype, compute_dtype = torch_dtype(dtype), torch_dtype(compute_dtype)
@@ -65,8 +64,6 @@ def load_quantized(cls, directory: str, config: GPT2Config, quantize: str, dtype
 
 def _quantized_layers(model: nn.Module) -> list:
     """Names of the linears quantize_nf4 would replace by default (the blocks' linear layers)."""
-    from gpt2lite.model.surgery import find_targets
-
     return find_targets(model, default_targets(model, "quantize"))
 
 

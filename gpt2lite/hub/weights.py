@@ -9,6 +9,7 @@ bridge that uses them (and gpt2lite_to_hf, the way out).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Dict, List, Optional
@@ -16,8 +17,11 @@ from typing import Dict, List, Optional
 import torch
 
 from gpt2lite.model.architectures import Architecture
+from gpt2lite.model.config import GPT2Config
 from gpt2lite.errors import CheckpointError
 from gpt2lite.files import read_json_object
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -153,3 +157,50 @@ class CheckpointReader:
                                       "again.") from None
         require_float_weight(key, tensor, self.directory)
         return tensor
+
+
+def model_for_checkpoint(cls, config: GPT2Config, directory: str, shapes: Dict[str, torch.Size],
+                         num_labels: Optional[int] = None):
+    """The `cls` model on the meta device that a checkpoint with these tensor shapes (gpt2lite names) loads
+    into, after checking that they match. Returns (model, the checkpoint keys to load, new tensors the
+    checkpoint lacks (a new classification head), whether lm_head is to be tied to wte)."""
+    kwargs = {}
+    if cls.__name__.endswith("ForSequenceClassification"):
+        if "score.weight" in shapes:
+            found = shapes["score.weight"][0]
+            if num_labels is not None and num_labels != found:
+                raise CheckpointError(f"the checkpoint's score head has {found} labels, num_labels={num_labels} was asked for")
+            num_labels = found
+        elif config.pad_token_id is None:
+            # a new head: GPT-2 has no pad token; batches are padded with eos, as transformers users do
+            config = config.replace(pad_token_id=config.eos_token_id)
+        kwargs["num_labels"] = num_labels if num_labels is not None else config.num_labels
+    with torch.device("meta"):
+        model = cls(config, **kwargs)
+    expected = model.state_dict()
+    tied = config.tie_word_embeddings and "lm_head.weight" in expected
+    if tied:  # lm_head is the same matrix as transformer.wte
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    keys = set(shapes)
+    for head in ("lm_head.weight", "score.weight"):  # a language model from a classifier or the reverse
+        if head not in expected and head in keys:
+            keys.discard(head)
+            logger.info("ignoring %s from %s: %s has no such head", head, directory, cls.__name__)
+    new = {}
+    if "score.weight" in expected and "score.weight" not in keys:  # a new classification head
+        new["score.weight"] = torch.empty(expected["score.weight"].shape).normal_(0.0, config.initializer_range)
+    missing = sorted(set(expected) - keys - set(new))
+    unexpected = sorted(keys - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint in {directory!r} does not match {cls.__name__}({config.model_type}, "
+            f"n_layer={config.n_layer}): missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+        )
+    for key in expected:  # in module order: the first mismatch is the one to fix
+        if key in keys and tuple(shapes[key]) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{key}: the checkpoint has shape {tuple(shapes[key])}, the model expects "
+                f"{tuple(expected[key].shape)}; config.json and the weights disagree (a checkpoint of another size?)"
+            )
+    return model, sorted(keys), new, tied

@@ -1,6 +1,6 @@
 """The fast paths, behind one door: `use_fast_kernels(model)`.
 
-The model is written as the textbook says (model.py reads like nanoGPT: `self.c_attn(x)`,
+The model is written as the textbook says (model/gpt2.py reads like nanoGPT: `self.c_attn(x)`,
 F.scaled_dot_product_attention, F.cross_entropy at the labelled positions). Three kernels compute the same
 results (to float rounding) faster or in less memory; each module's docstring says what it buys, and
 benchmarks/run.py measures them against transformers + peft (README, "Performance"):
@@ -8,10 +8,11 @@ benchmarks/run.py measures them against transformers + peft (README, "Performanc
     linear.py     FastLinear / linear: float32 CPU forward matmuls through oneDNN instead of MKL
     attention.py  scaled_dot_product_attention: CPU training with attention dropout keeps a boolean mask
                   and recomputes the probabilities in backward (a third less activation memory)
-    loss.py       causal_lm_loss: the LM head and cross-entropy by chunks, gradients formed in forward, so
+    loss.py       lm_loss: the LM head and cross-entropy by chunks (the fast path of gpt2lite.loss.lm_loss), gradients formed in forward, so
                   the (positions x vocab) logits never exist whole
 
-Every model built by gpt2lite has them on (PreTrained.__init__ calls use_fast_kernels); the switch is
+Every model built by gpt2lite has them on (GPT2.__init__ and GPT2ForSequenceClassification.__init__ end
+with use_fast_kernels(self)); the switch is
 
     use_fast_kernels(model, False)   # the textbook paths, e.g. to compare or to debug
     use_fast_kernels(model)          # back on
@@ -20,7 +21,7 @@ It turns each plain nn.Linear (but LoRA's small lora_A and lora_B) into a FastLi
 different forward) and sets the kernel
 slots that modules declare as attributes holding their textbook function: `linear` (LoRA, IA3 and 4-bit
 layers' base product), `sdpa` (attention), `lm_loss` (GPT2's loss). Adapter layers injected later take the
-kernels of the layer they replace (peft/inject.replace_modules).
+kernels of the layer they replace (model/surgery.replace_modules).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import torch.nn.functional as F
 from gpt2lite import loss as textbook_loss
 from gpt2lite.kernels.attention import scaled_dot_product_attention
 from gpt2lite.kernels.linear import FastLinear, is_plain_linear, linear
-from gpt2lite.kernels.loss import causal_lm_loss
+from gpt2lite.kernels.loss import lm_loss as chunked_lm_loss
 
 # slot name -> (textbook function, fast function); a module declares a slot by holding the textbook one
 SLOTS = {
     "linear": (F.linear, linear),
     "sdpa": (F.scaled_dot_product_attention, scaled_dot_product_attention),
-    "lm_loss": (textbook_loss.lm_loss, causal_lm_loss),
+    "lm_loss": (textbook_loss.lm_loss, chunked_lm_loss),
 }
 
 __all__ = ["FastLinear", "is_plain_linear", "use_fast_kernels", "uses_fast_kernels"]

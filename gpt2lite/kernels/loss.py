@@ -1,4 +1,4 @@
-"""causal_lm_loss: gpt2lite.loss.lm_loss without ever holding the whole logits tensor.
+"""lm_loss: gpt2lite.loss.lm_loss without ever holding the whole logits tensor.
 
 What it buys: less memory and time per step on the LM head, the single largest matmul of GPT-2 small
 (benchmarks/run.py, README "Performance"; tests/test_loss.py shows the same loss and gradients).
@@ -23,7 +23,7 @@ from gpt2lite.kernels.linear import is_plain_linear, linear
 CHUNK_SIZE = 512  # positions per chunk: chunk x 50,257 float32 logits = 103 MB
 
 
-def causal_lm_loss(hidden, labels, head, chunk_size: int = CHUNK_SIZE):
+def lm_loss(hidden, labels, head, chunk_size: int = CHUNK_SIZE):
     """gpt2lite.loss.lm_loss (same arguments), by chunks of `chunk_size` positions; a plain linear head goes
     through linear_cross_entropy, any other head (an adapter around it) through autograd."""
     if chunk_size <= 0:

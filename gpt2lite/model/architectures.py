@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from gpt2lite.model import gpt_neo
 from gpt2lite.model.attention import CausalSelfAttention
-from gpt2lite.model.config import PRESETS, GPT2Config
+from gpt2lite.model.config import GPT2_PRESETS, GPT_NEO_PRESETS, GPT2Config
 from gpt2lite.errors import CheckpointError
 from gpt2lite.model.config_json import gpt2_config_from_hf, gpt2_config_to_hf
 
@@ -44,7 +44,7 @@ GPT2_ARCHITECTURE = Architecture(
     hf_class_names={"GPT2": "GPT2LMHeadModel", "GPT2ForSequenceClassification": "GPT2ForSequenceClassification"},
     default_targets={"lora": ("c_attn",), "ia3": ("c_attn", "mlp.c_proj"), "ia3_feedforward": ("mlp.c_proj",),
                      "quantize": ("c_attn", "c_proj", "c_fc")},
-    presets=PRESETS,
+    presets=GPT2_PRESETS,
 )
 
 GPT_NEO_ARCHITECTURE = Architecture(
@@ -59,7 +59,7 @@ GPT_NEO_ARCHITECTURE = Architecture(
         "lora": ("q_proj", "v_proj"), "ia3": ("q_proj", "v_proj", "c_proj"), "ia3_feedforward": ("c_proj",),
         "quantize": ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
     },
-    presets=gpt_neo.PRESETS,
+    presets=GPT_NEO_PRESETS,
 )
 
 ARCHITECTURES: Dict[str, Architecture] = {arch.model_type: arch for arch in (GPT2_ARCHITECTURE, GPT_NEO_ARCHITECTURE)}
@@ -70,11 +70,6 @@ def architecture(model_type: str) -> Architecture:
     if model_type not in ARCHITECTURES:
         raise CheckpointError(f"model_type {model_type!r} is not supported; gpt2lite knows {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[model_type]
-
-
-def presets() -> Dict[str, dict]:
-    """Every architecture's presets by name (GPT2Config fields), as GPT2Config.from_name looks them up."""
-    return {name: fields for arch in ARCHITECTURES.values() for name, fields in arch.presets.items()}
 
 
 def stores_transposed(model) -> bool:

@@ -80,18 +80,26 @@ class GPT2Config:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "GPT2Config":
         """A preset by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, tiny (for tests), demo (the
-        offline demo's pretrained base), and those of the other architectures (architectures.py: gpt-neo-125M,
-        gpt-neo-tiny)."""
-        from gpt2lite.model.architectures import presets  # imported here: architectures.py imports this module
-
+        offline demo's pretrained base), gpt-neo-125M and gpt-neo-tiny (PRESETS below)."""
         key = name.split("/")[-1]  # "openai-community/gpt2-medium" -> "gpt2-medium"
-        known = presets()  # PRESETS below and every other architecture's
-        if key not in known:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(known)}")
-        return cls(**{**known[key], **overrides})
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
 
 
-PRESETS = {
+GPT_NEO_MODEL_TYPE = "gpt_neo"
+
+
+def neo_preset(n_layer: int, n_head: int, n_embd: int, window: int, n_positions: int = 2048) -> dict:
+    """GPT2Config fields of a GPT-Neo model with alternating global and local layers (no dropout, as released)."""
+    return dict(
+        model_type=GPT_NEO_MODEL_TYPE, scale_attn=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        n_positions=n_positions, attention_windows=tuple(None if i % 2 == 0 else window for i in range(n_layer)),
+        embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
+    )
+
+
+GPT2_PRESETS = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
@@ -103,3 +111,10 @@ PRESETS = {
     "demo": dict(n_layer=4, n_head=4, n_embd=192, n_positions=128, embd_pdrop=0.0, attn_pdrop=0.0,
                  resid_pdrop=0.0),
 }
+
+GPT_NEO_PRESETS = {  # as released on the Hub; a tiny one for tests
+    "gpt-neo-125M": neo_preset(n_layer=12, n_head=12, n_embd=768, window=256),
+    "gpt-neo-tiny": neo_preset(n_layer=4, n_head=4, n_embd=64, window=8, n_positions=256),
+}
+
+PRESETS = {**GPT2_PRESETS, **GPT_NEO_PRESETS}  # every architecture's, by name (GPT2Config.from_name)

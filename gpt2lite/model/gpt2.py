@@ -80,19 +80,22 @@ class GPT2Model(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.virtual_tokens = None  # a soft prompt or prefix: gpt2lite/peft/prompt.py, prefix.py
+        # an adapter's virtual tokens (peft's soft prompt or prefix), called as below; it publishes
+        # n_tokens and label_offset (how many of its own outputs, the last ones, predict labels)
+        self.virtual_tokens = None
         self.activation_checkpointing = False  # see PreTrained.set_activation_checkpointing
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, kv_cache=None, inputs_embeds=None,
-                with_prompt_end: bool = False):
+                with_label_offset: bool = False):
         """input_ids: (B, T) token ids, or inputs_embeds: (B, T, C).
 
         attention_mask: (B, S) with S = past + T, 1 = token, 0 = padding; a (B, T) mask with a non-empty
         cache is taken to cover only the new tokens (the cached ones count as real).
         position_ids: (B, T) or (T,); by default past, past+1, ... as in Hugging Face.
         kv_cache: an object with `.length`, `.update(layer_idx, k, v) -> (k_all, v_all)` and `.advance(T)`.
-        with_prompt_end: when a soft prompt was prepended, return first the output at its last virtual token,
-        the position that predicts the first real token: (B, 1 + T, C).
+        with_label_offset: when virtual tokens were prepended, return first the outputs at the last
+        `virtual_tokens.label_offset` of them, the positions that predict the first labels (a soft prompt's
+        last token predicts the first real token): (B, offset + T, C).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -136,8 +139,10 @@ class GPT2Model(nn.Module):
                 x = block(x, masks[window], kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        n_out = n_real + 1 if with_prompt_end and T > n_real else n_real
-        return self.ln_f(x[:, T - n_out:])  # (B, n_out, C): a soft prompt's own outputs are dropped
+        offset = 0
+        if with_label_offset and self.virtual_tokens is not None:
+            offset = min(self.virtual_tokens.label_offset, T - n_real)  # only when they were prepended
+        return self.ln_f(x[:, T - n_real - offset:])  # (B, offset + T, C): other virtual outputs are dropped
 
     def _check_ids(self, input_ids):
         """input_ids, checked (dtype, shape, values in the vocabulary)."""
@@ -155,6 +160,13 @@ class PreTrained(nn.Module):
     """What every model with a `transformer` body shares: init, HF loading/saving, cache sizing."""
 
     config: GPT2Config
+
+    @property
+    def label_offset(self) -> int:
+        """How many positions before the first real token predict labels: what the model's virtual tokens
+        publish (a soft prompt's last token predicts labels[:, 0], as in peft), 0 without any."""
+        tokens = self.transformer.virtual_tokens
+        return tokens.label_offset if tokens is not None else 0
 
     def _init_weights(self):
         """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
@@ -216,17 +228,19 @@ class GPT2(PreTrained):
         """Returns logits (B, T, vocab_size), or (B, 1, vocab_size) with last_only=True.
 
         With labels (B, T) (-100 where there is no target), returns instead the mean next-token
-        cross-entropy over labelled positions, computing the LM head only at those positions. Behind a soft
-        prompt the first label counts too, predicted at the prompt's last virtual token (as in peft).
+        cross-entropy over labelled positions, computing the LM head only at those positions. Behind virtual
+        tokens with a label offset (a soft prompt) the first label counts too, predicted at the prompt's last
+        virtual token (as in peft).
         """
         hidden = self.transformer(input_ids, attention_mask, position_ids, kv_cache, inputs_embeds,
-                                  with_prompt_end=labels is not None)
+                                  with_label_offset=labels is not None)
         if labels is not None:
             B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            if hidden.size(1) == T + 1:  # (B, 1 + T, C): the prompt's end predicts labels[:, 0]
+            offset = hidden.size(1) - T
+            if offset:  # (B, offset + T, C): the virtual tokens' last outputs predict labels[:, 0], ...
                 if labels.shape != (B, T):
                     raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {(B, T)} as input_ids")
-                labels = F.pad(labels, (1, 0), value=IGNORE_INDEX)  # (B, 1 + T)
+                labels = F.pad(labels, (offset, 0), value=IGNORE_INDEX)  # (B, offset + T)
             return self.lm_loss(hidden, labels, self.lm_head)
         if last_only:
             hidden = hidden[:, -1:, :]

@@ -11,7 +11,7 @@ GPT-Neo is GPT-2 with three differences, and only those are written here:
 
 Everything else (embeddings, blocks, MLP, masks, KV cache, generation, LM and classification heads, loading,
 saving, adapters) is the GPT-2 code; architectures.py's GPT_NEO_ARCHITECTURE record points it at the pieces
-here (the attention class, the config.json mapping, the presets). A model is built, loaded and fine-tuned exactly like GPT-2:
+here (the attention class, the config.json mapping; its presets are in config.py). A model is built, loaded and fine-tuned exactly like GPT-2:
 
     model = gpt2lite.GPT2.from_pretrained("EleutherAI/gpt-neo-125M")        # or a local directory
     model = gpt2lite.GPT2(gpt2lite.GPT2Config.from_name("gpt-neo-125M"))    # random initialisation
@@ -23,12 +23,12 @@ from typing import List
 
 import torch.nn as nn
 
-from gpt2lite.model.config import GPT2Config
+from gpt2lite.model.config import GPT_NEO_MODEL_TYPE, GPT2Config
 from gpt2lite.errors import CheckpointError
 from gpt2lite.model.config_json import first_id, hf_num_labels
 from gpt2lite.model.attention import CausalSelfAttention
 
-MODEL_TYPE = "gpt_neo"
+MODEL_TYPE = GPT_NEO_MODEL_TYPE
 
 
 class GPTNeoSelfAttention(CausalSelfAttention):
@@ -123,18 +123,3 @@ def config_to_hf(c: GPT2Config) -> dict:
         initializer_range=c.initializer_range, tie_word_embeddings=c.tie_word_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
     )
-
-
-def neo_preset(n_layer: int, n_head: int, n_embd: int, window: int, n_positions: int = 2048) -> dict:
-    """GPT2Config fields of a GPT-Neo model with alternating global and local layers (no dropout, as released)."""
-    return dict(
-        model_type=MODEL_TYPE, scale_attn=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        n_positions=n_positions, attention_windows=tuple(None if i % 2 == 0 else window for i in range(n_layer)),
-        embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
-    )
-
-
-PRESETS = {  # GPT2Config.from_name("gpt-neo-125M"), as released on the Hub; a tiny one for tests
-    "gpt-neo-125M": neo_preset(n_layer=12, n_head=12, n_embd=768, window=256),
-    "gpt-neo-tiny": neo_preset(n_layer=4, n_head=4, n_embd=64, window=8, n_positions=256),
-}

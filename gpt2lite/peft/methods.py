@@ -26,7 +26,7 @@ from gpt2lite.model.architectures import default_targets
 from gpt2lite.dtypes import DTYPES
 from gpt2lite.peft.adapter import is_classifier
 from gpt2lite.peft.freeze import LM_HEAD_CHOICES, add_bitfit, freeze_layers, frozen_baseline, full_finetuning
-from gpt2lite.peft.lora.layer import BIAS_MODES, add_lora
+from gpt2lite.peft.lora.add import BIAS_MODES, add_lora
 
 METHODS = ("full", "frozen", "lora", "qlora", "prompt", "prefix", "last_n", "bitfit", "ia3")
 
@@ -162,7 +162,7 @@ def apply(model: nn.Module, method_config: Union[MethodConfig, dict, str]) -> nn
         return add_bitfit(model)
     if name in ("lora", "qlora"):
         if name == "qlora":
-            from gpt2lite.peft.lora.quantized import quantize_unless_quantized
+            from gpt2lite.quantization.linear import quantize_unless_quantized
 
             quantize_unless_quantized(model, DTYPES[config.compute_dtype], config.double_quant)
         saved = list(config.modules_to_save or ())

@@ -34,7 +34,8 @@ from gpt2lite.errors import CheckpointError
 from gpt2lite.peft.adapter import classifier_head_parameters
 from gpt2lite.peft.ia3 import add_ia3_layers, ia3_layers
 from gpt2lite.model.surgery import select_modules
-from gpt2lite.peft.lora.layer import DoRALinear, LoRALinear, add_lora, lora_biases, lora_layers
+from gpt2lite.peft.lora.layer import DoRALinear, LoRALinear
+from gpt2lite.peft.lora.add import add_lora, lora_biases, lora_layers
 from gpt2lite.peft.modules_to_save import modules_to_save_of
 
 PREFIX = "base_model.model."

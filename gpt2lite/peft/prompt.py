@@ -32,6 +32,12 @@ class SoftPrompt(VirtualTokens):
         self.context = context  # the model's n_positions
         self.init, self.init_text = init, init_text  # saved in peft's config
 
+    @property
+    def label_offset(self) -> int:
+        """1 while enabled: the last virtual token predicts the first real token, so labels[:, 0] is scored
+        (as in peft)."""
+        return 1 if self.adapter_enabled else 0
+
     def insert(self, inputs_embeds, attention_mask, position_ids, kv_cache):
         """Prepend the prompt to inputs_embeds (B, T, C) on the first call; extend the mask and positions."""
         n = self.n_tokens

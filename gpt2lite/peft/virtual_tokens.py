@@ -31,6 +31,12 @@ class VirtualTokens(nn.Module):
     def n_tokens(self) -> int:
         return self.embedding.size(0)
 
+    @property
+    def label_offset(self) -> int:
+        """How many of the module's own outputs (its last ones) predict labels; the model reads it
+        (GPT2.label_offset). A prefix has no outputs of its own: 0; a soft prompt overrides it."""
+        return 0
+
     def adapter_parameters(self) -> List[nn.Parameter]:
         return list(self.parameters())
 

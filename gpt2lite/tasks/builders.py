@@ -17,12 +17,13 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from gpt2lite.tasks.splits import DataConfig
-from gpt2lite.tasks import (DEFAULT_TEMPLATE, DataError, Examples, build_classification, build_generation_prompts,
-                            build_lm_blocks, build_summarization, check_labels, predict_classes,
-                            sliding_window_perplexity, subset, tokenize_stream)
-from gpt2lite.tasks.loading import as_list, require_columns
-from gpt2lite.tasks.text_splits import TextSplits, column_values
+from gpt2lite.errors import DataError
+from gpt2lite.tasks.batching import Examples
+from gpt2lite.tasks.classification import build_classification, check_labels, predict_classes
+from gpt2lite.tasks.language_modeling import build_lm_blocks, sliding_window_perplexity, tokenize_stream
+from gpt2lite.tasks.loading import as_list, require_columns, subset
+from gpt2lite.tasks.splits import DataConfig, TextSplits, column_values
+from gpt2lite.tasks.summarization import DEFAULT_TEMPLATE, build_generation_prompts, build_summarization
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Task:
     test_size: int = 0  # test examples scored (LM: texts continued)
 
 
-def virtual_tokens(method) -> int:
+def virtual_positions(method) -> int:
     """Context positions a method's virtual tokens (prompt tuning, prefixes) take from every example."""
     from gpt2lite.peft import MethodConfig
 
@@ -51,7 +52,7 @@ def virtual_tokens(method) -> int:
 
 def build_task(data: DataConfig, splits: TextSplits, tokenizer, context: int, generation=None) -> Task:
     """The task `data.task` on `splits`, its examples cut to min(data.max_length, context) tokens.
-    context: the model's n_positions less the virtual tokens of the methods that will run (virtual_tokens).
+    context: the model's n_positions less the virtual tokens of the methods that will run (virtual_positions).
     generation: a GenerationConfig for the test generations (default: GenerationConfig())."""
     from gpt2lite.generation.decoding import GenerationConfig
 
@@ -93,8 +94,8 @@ def summarization_task(data: DataConfig, splits: TextSplits, tokenizer, max_leng
     """Summarization examples (loss on the summary only) and ROUGE/BLEU/... of generated test summaries."""
     from gpt2lite.tasks.metrics import generation_metrics
 
-    source, target = splits.source_column, splits.target_column
-    columns = dict(source_column=source, target_column=target, template=data.template or DEFAULT_TEMPLATE)
+    source, target = splits.input_column, splits.target_column
+    columns = dict(input_column=source, target_column=target, template=data.template or DEFAULT_TEMPLATE)
     train = build_summarization(_capped(splits.train, data.max_train_samples, data.seed), tokenizer,
                                 max_length=max_length, **columns)
     validation = build_summarization(_capped(splits.validation, data.max_validation_samples, data.seed), tokenizer,
@@ -123,7 +124,7 @@ def language_modeling_task(data: DataConfig, splits: TextSplits, tokenizer, max_
     the generation scores of each text's last max_new_tokens tokens continued from the text before them."""
     from gpt2lite.tasks.metrics import generation_metrics
 
-    column = splits.source_column
+    column = splits.input_column
     train_texts, validation_texts, test_texts = (
         column_values(_templated(table, column, data.template), column) for table in (splits.train, splits.validation,
                                                                                  splits.test))
@@ -176,8 +177,8 @@ def classification_task(data: DataConfig, splits: TextSplits, tokenizer, max_len
     """Classification examples, and accuracy / weighted P, R, F1 on the test split."""
     from gpt2lite.tasks.metrics import classification_metrics
 
-    text, label = splits.source_column, splits.target_column
-    columns = dict(text_column=text, label_column=label, num_labels=num_labels, max_length=max_length)
+    text, label = splits.input_column, splits.target_column
+    columns = dict(input_column=text, label_column=label, num_labels=num_labels, max_length=max_length)
     train, validation, test = (
         build_classification(_templated(_capped(table, cap, data.seed), text, data.template), tokenizer, **columns)
         for table, cap in ((splits.train, data.max_train_samples), (splits.validation, data.max_validation_samples),

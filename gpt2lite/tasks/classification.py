@@ -22,7 +22,7 @@ from gpt2lite.tasks.loading import as_list, require_columns
 logger = logging.getLogger(__name__)
 
 
-def build_classification(table, tokenizer, text_column: str = "text", label_column: str = "label",
+def build_classification(table, tokenizer, input_column: str = "text", label_column: str = "label",
                          num_labels: Optional[int] = None, max_length: int = 1024) -> Examples:
     """Examples {"input_ids", "labels": int}; texts longer than max_length keep their start.
 
@@ -30,8 +30,8 @@ def build_classification(table, tokenizer, text_column: str = "text", label_colu
     An empty text is skipped and counted; a label that is not such an integer raises DataError.
     """
     if not isinstance(table, list):
-        require_columns(table, [text_column, label_column])
-    texts, labels = as_list(table, text_column), as_list(table, label_column)
+        require_columns(table, [input_column, label_column])
+    texts, labels = as_list(table, input_column), as_list(table, label_column)
     checked = check_labels(labels, num_labels)
     rows, skipped, truncated = [], {"empty_text": 0}, {"text": 0}
     for text, label in zip(texts, checked):
@@ -48,7 +48,7 @@ def build_classification(table, tokenizer, text_column: str = "text", label_colu
         logger.warning("classification: skipped %d of %d examples with an empty text",
                        skipped["empty_text"], len(texts))
     if not rows:
-        raise DataError(f"all {len(texts)} examples have an empty {text_column!r}")
+        raise DataError(f"all {len(texts)} examples have an empty {input_column!r}")
     return Examples(rows, skipped, truncated)
 
 

@@ -14,7 +14,7 @@ import os
 from typing import Dict, List, Optional, Sequence, Union
 
 from gpt2lite.errors import DataError
-from gpt2lite.hub.pretrained import offline_switch
+from gpt2lite.hub.pretrained import hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -84,27 +84,6 @@ def load_table(dataset: Optional[str] = None, config_name: Optional[str] = None,
             "FILE), e.g. a JSONL file with one object per line."
         ) from None
     return require_rows(table, f"{dataset} split {split!r}")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub (HF_ENDPOINT) answers within `timeout` seconds; False at once when an
-    offline switch is set. Checked before hub calls because `datasets` retries an unreachable hub for half a
-    minute. The question goes through huggingface_hub's own HTTP session, as the downloads will: through
-    the proxy that HTTPS_PROXY / HTTP_PROXY name, with its offline mode. Any HTTP answer counts as reachable;
-    a connection, proxy or timeout error (or huggingface_hub's OfflineModeIsEnabled) as unreachable. The
-    offline switches are hf.offline_switch's."""
-    if offline_switch() is not None:
-        return False
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout)
-    except Exception as error:  # httpx2/httpx/requests errors by huggingface_hub version, or OfflineModeIsEnabled
-        logger.info("the Hugging Face Hub at %s is unreachable: %s: %s", constants.ENDPOINT, type(error).__name__,
-                    error)
-        return False
-    return True
 
 
 def _load_local(data_files: DataFiles, split: str, keep_linebreaks: bool = False):
@@ -224,8 +203,17 @@ def require_columns(table, columns: Sequence[str], where: str = "the dataset", h
                         f"{table.column_names}. {hint}")
 
 
+def seeded_order(n: int, seed: int) -> List[int]:
+    """A seeded shuffle of range(n): the one order that cuts splits (splits.split_three) and draws capped
+    samples (subset), for lists and datasets alike."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def subset(table, data_fraction: float = 1.0, max_samples: Optional[int] = None, seed: int = 0):
-    """A reproducible random subset: the first data_fraction of a seeded shuffle, then at most max_samples."""
+    """A reproducible random subset: the first data_fraction of a seeded shuffle (seeded_order), then at most
+    max_samples."""
     if not 0.0 < data_fraction <= 1.0:
         raise DataError(f"data_fraction must be in (0, 1], got {data_fraction}")
     if max_samples is not None and max_samples <= 0:
@@ -236,12 +224,8 @@ def subset(table, data_fraction: float = 1.0, max_samples: Optional[int] = None,
         keep = min(keep, max_samples)
     if keep == n:
         return table
-    if isinstance(table, list):
-        import torch
-
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        return [table[i] for i in order[:keep]]
-    return table.shuffle(seed=seed).select(range(keep))
+    order = seeded_order(n, seed)[:keep]
+    return [table[i] for i in order] if isinstance(table, list) else table.select(order)
 
 
 def as_list(table, column: str) -> List:

@@ -3,22 +3,24 @@
     splits = load_splits(DataConfig(task="summarization", train="my.jsonl"))
     # one file: a seeded shuffle cut into three disjoint parts, 80 / 10 / 10 by default
 
-Train, validation and test are always disjoint: validation picks the best checkpoint and stops early, test
-gives the reported scores. A split without its own file is cut from the train file (seeded); without a
-train file the hub dataset's splits are used (a missing one cut from its train split), and with
-`allow_fallback` the offline fallback corpus of `text_splits.summarization_splits` / `lm_texts`.
+Train, validation and test are always disjoint, for every task and every source: validation picks the best
+checkpoint and stops early, test gives the reported scores. One rule cuts what a source lacks: local files
+(a split without its own file) and a hub dataset (a split it does not have) alike, the missing validation
+and test parts are cut from the train split by one seeded shuffle (`split_three`). Without a train file
+the hub dataset's splits are used; where it cannot be had, with `allow_fallback`, the offline docstring
+corpus of tasks.docstrings stands in for summarization and language modelling: `fallback` is set, the
+description begins "OFFLINE FALLBACK DATA" and a warning is logged.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
-import torch
-
-from gpt2lite.tasks import DataError, load_table
-from gpt2lite.tasks.loading import lm_separator
+from gpt2lite.errors import DataError
+from gpt2lite.tasks.docstrings import docstring_corpus
+from gpt2lite.tasks.loading import ROWS_SEPARATOR, as_list, lm_separator, load_table, require_columns, seeded_order
 
 logger = logging.getLogger(__name__)
 
@@ -96,17 +98,47 @@ class DataConfig:
         return self.input_column or default_input, self.target_column or default_target
 
 
+@dataclass
+class TextSplits:
+    """train / validation / test tables of one task (datasets.Dataset or lists of dicts), and where they came
+    from."""
+
+    train: object
+    validation: object
+    test: object
+    input_column: str
+    target_column: str
+    description: str
+    fallback: bool = False
+    # language modelling: split -> what joins its rows into one text ("" where absent): "" for a text file's
+    # lines (they keep their line endings: the file's exact text), "\n\n" for a table's rows (tasks.loading)
+    separators: Dict[str, str] = field(default_factory=dict)
+
+    def separator(self, split: str) -> str:
+        return self.separators.get(split, "")
+
+
+def column_values(table, column: str) -> list:
+    """The values of one column of a table (a list of dicts or a datasets.Dataset), checked to exist."""
+    if not isinstance(table, list):
+        require_columns(table, [column])
+    return as_list(table, column)
+
+
 def split_three(table, validation_fraction: float, test_fraction: float, seed: int, where: str,
                 cut_validation: bool = True, cut_test: bool = True):
-    """(train, validation, test): a seeded shuffle of `table` cut into disjoint parts. A part that is not
-    cut (cut_validation / cut_test False) is returned as None. Works on datasets.Dataset and lists."""
+    """(train, validation, test): a seeded shuffle of `table` cut into disjoint parts, the one cut of every
+    task and source. A part that is not cut (cut_validation / cut_test False) is returned as None. Works on
+    datasets.Dataset and lists. Nothing to cut: the table itself, in its order (a corpus stays in order)."""
+    if not (cut_validation or cut_test):
+        return table, None, None
     n = len(table)
     n_validation = max(1, round(n * validation_fraction)) if cut_validation else 0
     n_test = max(1, round(n * test_fraction)) if cut_test else 0
     if n - n_validation - n_test < 1:
         raise DataError(f"{where} has {n} rows: too few to cut {n_validation} validation and {n_test} test rows "
                         "and keep one for training; give more rows or separate --data.validation/--data.test files")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = seeded_order(n, seed)
     parts = order[:n_test], order[n_test:n_test + n_validation], order[n_test + n_validation:]
 
     def take(indices):
@@ -118,66 +150,56 @@ def split_three(table, validation_fraction: float, test_fraction: float, seed: i
     return train, validation, test
 
 
-def load_splits(config: DataConfig, allow_fallback: bool = False):
-    """text_splits.TextSplits of `config`: local files, else the hub dataset, else (allow_fallback) the
-    offline corpus. The description names each split's source and size."""
-    from gpt2lite.tasks.text_splits import TextSplits
-
-    input_column, target_column = config.columns
+def load_splits(config: DataConfig, allow_fallback: bool = False) -> TextSplits:
+    """The three splits of `config`: local files, else the hub dataset, else (allow_fallback) the offline
+    corpus. The description names each split's source and size."""
     if config.train is not None:
-        files = {s: getattr(config, s) for s in HUB_SPLITS if getattr(config, s)}
-        lm = config.task == "language_modeling"  # a text file's lines keep their line endings
-        tables = {s: load_table(data_files=files, split=s, keep_linebreaks=lm) for s in files}
-        origin = {s: files[s] for s in files}
-    elif config.dataset is not None or allow_fallback:
-        return _hub_or_fallback(config, allow_fallback)
-    else:
-        raise DataError("no data: give a file with --data.train (JSON Lines, CSV or text), or a hub dataset with "
-                        "--data.dataset (and --data.dataset_config)")
+        return _from_files(config)
+    if config.dataset is not None:
+        try:
+            return _from_hub(config)
+        except DataError as error:
+            if not allow_fallback or config.task == "classification":
+                raise
+            return _fallback(config, str(error).splitlines()[0].rstrip("."))
+    if allow_fallback and config.task != "classification":
+        return _fallback(config, "no --data.train file or --data.dataset was given")
+    if config.task == "classification" and allow_fallback:
+        raise DataError("classification has no offline fallback data: give --data.train or --data.dataset")
+    raise DataError("no data: give a file with --data.train (JSON Lines, CSV or text), or a hub dataset with "
+                    "--data.dataset (and --data.dataset_config)")
+
+
+def _cut_missing(tables: dict, config: DataConfig, where: str, name: str) -> dict:
+    """split -> how it was had; the validation / test parts absent from `tables` cut from its train table."""
     train, validation, test = split_three(tables["train"], config.validation_fraction, config.test_fraction,
-                                          config.seed, repr(config.train), "validation" not in tables,
-                                          "test" not in tables)
-    for name, cut, fraction in (("validation", validation, config.validation_fraction),
-                                ("test", test, config.test_fraction)):
+                                          config.seed, where, "validation" not in tables, "test" not in tables)
+    origin = {}
+    for split, cut, fraction in (("validation", validation, config.validation_fraction),
+                                 ("test", test, config.test_fraction)):
         if cut is not None:
-            tables[name] = cut
-            origin[name] = f"{fraction:.0%} of {config.train} (seed {config.seed})"
+            tables[split] = cut
+            origin[split] = f"{fraction:.0%} of {name} (seed {config.seed})"
     tables["train"] = train
+    return origin
+
+
+def _from_files(config: DataConfig) -> TextSplits:
+    files = {s: getattr(config, s) for s in HUB_SPLITS if getattr(config, s)}
+    lm = config.task == "language_modeling"  # a text file's lines keep their line endings
+    tables = {s: load_table(data_files=files, split=s, keep_linebreaks=lm) for s in files}
+    origin = {**files, **_cut_missing(tables, config, repr(config.train), config.train)}
     description = "; ".join(f"{s}: {len(tables[s])} rows from {origin[s]}" for s in HUB_SPLITS)
     logger.info("data: %s", description)
     separators = {s: lm_separator(files.get(s, config.train)) for s in HUB_SPLITS}  # a cut split: the train file's
+    input_column, target_column = config.columns
     return TextSplits(tables["train"], tables["validation"], tables["test"], input_column, target_column or "",
                       f"local files ({description})", separators=separators)
 
 
-def _hub_or_fallback(config: DataConfig, allow_fallback: bool):
-    from gpt2lite.tasks.text_splits import TextSplits, lm_texts, summarization_splits
-
-    input_column, target_column = config.columns
-    if config.task == "summarization":
-        splits = summarization_splits(config.dataset, config.dataset_config, None, input_column, target_column,
-                                      allow_fallback=allow_fallback, seed=config.seed, max_rows=config.hub_rows)
-    elif config.task == "language_modeling":
-        texts = lm_texts(config.dataset, config.dataset_config, None, input_column, allow_fallback=allow_fallback)
-        rows = [[{texts.source_column: text} for text in getattr(texts, s)] for s in HUB_SPLITS]  # tables, as files give
-        splits = TextSplits(*rows, texts.source_column, texts.target_column, texts.description, texts.fallback,
-                            texts.separators)
-    else:
-        if config.dataset is None:
-            raise DataError("classification has no offline fallback data: give --data.train or --data.dataset")
-        splits = _hub_classification(config)
-    sizes = ", ".join(f"{s} {len(getattr(splits, s))}" for s in HUB_SPLITS)
-    description = splits.description if splits.fallback else f"{splits.description} ({sizes} rows)"
-    logger.info("data: %s", description)
-    return TextSplits(splits.train, splits.validation, splits.test, splits.source_column, splits.target_column,
-                      description, splits.fallback, splits.separators)
-
-
-def _hub_classification(config: DataConfig):
-    """A hub dataset's splits; one it lacks (e.g. test) is cut from its train split."""
-    from gpt2lite.tasks.text_splits import TextSplits
-
-    tables, missing = {}, []
+def _from_hub(config: DataConfig) -> TextSplits:
+    """The hub dataset's splits; one it lacks (e.g. test) is cut from its train split, as for a local file."""
+    tables = {}
     for split in HUB_SPLITS:
         try:
             tables[split] = load_table(config.dataset, config.dataset_config, split=split,
@@ -185,11 +207,32 @@ def _hub_classification(config: DataConfig):
         except DataError:
             if split == "train":
                 raise
-            missing.append(split)
-    train, validation, test = split_three(tables["train"], config.validation_fraction, config.test_fraction,
-                                          config.seed, config.dataset, "validation" in missing, "test" in missing)
-    tables["train"] = train
-    tables.update({k: v for k, v in (("validation", validation), ("test", test)) if v is not None})
-    cut = f"; {', '.join(missing)} cut from its train split (seed {config.seed})" if missing else ""
-    return TextSplits(tables["train"], tables["validation"], tables["test"], *config.columns,
-                      f"{config.dataset} from the Hugging Face Hub{cut}")
+    name = config.dataset + (f" ({config.dataset_config})" if config.dataset_config else "")
+    origin = {s: "the Hugging Face Hub" for s in tables}
+    origin.update(_cut_missing(tables, config, name, "its train split"))
+    description = f"{name}: " + "; ".join(f"{s}: {len(tables[s])} rows from {origin[s]}" for s in HUB_SPLITS)
+    logger.info("data: %s", description)
+    input_column, target_column = config.columns
+    return TextSplits(tables["train"], tables["validation"], tables["test"], input_column, target_column or "",
+                      description, separators={s: ROWS_SEPARATOR for s in HUB_SPLITS})
+
+
+def _fallback(config: DataConfig, reason: str) -> TextSplits:
+    """The offline stand-in: the standard library's docstrings (tasks.docstrings), said so loudly."""
+    corpus = docstring_corpus(None)
+    not_what = f"not {config.dataset}" if config.dataset else "no dataset given"
+    if config.task == "language_modeling":
+        texts = {s: [{"text": f"{e['target']}\n{e['source']}\n\n"} for e in corpus[s]] for s in HUB_SPLITS}
+        description = (f"OFFLINE FALLBACK DATA, {not_what}: {reason}. Using the Python standard library's "
+                       f"docstrings as text ({len(texts['train'])} train / {len(texts['validation'])} validation "
+                       f"/ {len(texts['test'])} test documents).")
+        splits = TextSplits(texts["train"], texts["validation"], texts["test"], "text", "text", description, True)
+    else:
+        description = (f"OFFLINE FALLBACK DATA, {not_what}: {reason}. Using a summarization corpus built from the "
+                       f"Python standard library's docstrings ({len(corpus['train'])} train / "
+                       f"{len(corpus['validation'])} validation / {len(corpus['test'])} test; target = the "
+                       "docstring's summary line, source = the signature and the rest of the docstring).")
+        splits = TextSplits(corpus["train"], corpus["validation"], corpus["test"], "source", "target", description,
+                            True)
+    logger.warning(description)
+    return splits

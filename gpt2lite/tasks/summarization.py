@@ -69,21 +69,21 @@ def _text(value) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def build_summarization(table, tokenizer, source_column: str = "article", target_column: str = "highlights",
+def build_summarization(table, tokenizer, input_column: str = "article", target_column: str = "highlights",
                         template: str = DEFAULT_TEMPLATE, max_length: int = 1024,
                         max_target_tokens: Optional[int] = None, min_source_tokens: int = 16) -> Examples:
     """Training examples {"input_ids", "labels"}: labels are -100 on every prompt position.
 
-    table: a `datasets.Dataset` (or list of dicts) with source_column and target_column. max_length: the
+    table: a `datasets.Dataset` (or list of dicts) with input_column and target_column. max_length: the
     model's context (n_positions). max_target_tokens: cap on target tokens (None: no cap).
     Rows with an empty source or target, or whose target cannot fit, are skipped and counted.
     """
     if not isinstance(table, list):
-        require_columns(table, [source_column, target_column])
+        require_columns(table, [input_column, target_column])
     pieces = _Pieces(tokenizer, template)
     if pieces.fixed + 1 >= max_length:
         raise DataError(f"max_length={max_length} leaves no room after the template's {pieces.fixed} tokens")
-    sources, targets = as_list(table, source_column), as_list(table, target_column)
+    sources, targets = as_list(table, input_column), as_list(table, target_column)
     rows: List[dict] = []
     skipped = {"empty_source": 0, "empty_target": 0, "target_truncated_away": 0}
     truncated = {"source": 0, "target": 0}
@@ -116,24 +116,24 @@ def build_summarization(table, tokenizer, source_column: str = "article", target
     _log_counts(len(sources), skipped, truncated, max_length)
     if not rows:
         raise DataError(f"all {len(sources)} examples were skipped ({_describe(skipped)}); check the columns "
-                        f"{source_column!r}/{target_column!r} and max_length={max_length}")
+                        f"{input_column!r}/{target_column!r} and max_length={max_length}")
     return Examples(rows, skipped, truncated)
 
 
-def build_generation_prompts(table, tokenizer, source_column: str = "article", target_column: str = "highlights",
+def build_generation_prompts(table, tokenizer, input_column: str = "article", target_column: str = "highlights",
                              template: str = DEFAULT_TEMPLATE, max_length: int = 1024,
                              max_new_tokens: int = 64) -> Examples:
     """Evaluation prompts {"input_ids", "reference"}: the training prompt (source truncated so that
     max_new_tokens still fit in max_length) and the target text to score the generation against."""
     if not isinstance(table, list):
-        require_columns(table, [source_column, target_column])
+        require_columns(table, [input_column, target_column])
     pieces = _Pieces(tokenizer, template)
     budget = max_length - pieces.fixed - max_new_tokens
     if budget <= 0:
         raise DataError(f"max_new_tokens={max_new_tokens} plus the template's {pieces.fixed} tokens leave no "
                         f"room for the source in max_length={max_length}")
     rows, skipped, truncated = [], {"empty_source": 0, "empty_target": 0}, {"source": 0}
-    for source_text, target_text in zip(as_list(table, source_column), as_list(table, target_column)):
+    for source_text, target_text in zip(as_list(table, input_column), as_list(table, target_column)):
         source_text, target_text = _text(source_text), _text(target_text)
         if not source_text or not target_text:
             skipped["empty_source" if not source_text else "empty_target"] += 1

@@ -1,2 +1,9 @@
-"""The training loop and what it needs: loop, run (setup, Run), state, config (TrainConfig), evaluation, optim,
-precision, distributed, loggers, memory, checkpoint."""
+"""The training loop and what it needs: train() (loop), setup() and the live Run (run), the counters (state),
+TrainConfig (config), evaluation, optim, precision, distributed, loggers, memory, checkpoint."""
+
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.evaluation import evaluate_loss
+from gpt2lite.training.loop import train
+from gpt2lite.training.state import TrainState
+
+__all__ = ["TrainConfig", "train", "evaluate_loss", "TrainState"]

@@ -15,7 +15,7 @@ from gpt2lite.training.precision import autocast, resolve_precision
 
 def label_count(labels: torch.Tensor, first_too: bool = False) -> int:
     """How many targets a batch's mean loss averages: label tokens (B, T) after the one-token shift that
-    causal_lm_loss applies, or examples for class labels (B,). first_too: labels[:, 0] is scored as well
+    lm_loss applies, or examples for class labels (B,). first_too: labels[:, 0] is scored as well
     (behind a soft prompt, whose last virtual token predicts the first real token)."""
     if labels.dim() == 1:
         return labels.numel()
@@ -23,11 +23,9 @@ def label_count(labels: torch.Tensor, first_too: bool = False) -> int:
 
 
 def scores_first_label(model) -> bool:
-    """Whether `model` (or the module DDP wraps) scores labels[:, 0]: an enabled soft prompt does, as in peft."""
-    from gpt2lite.peft.prompt import soft_prompt
-
-    prompt = soft_prompt(getattr(model, "module", model))
-    return prompt is not None and prompt.adapter_enabled
+    """Whether `model` (or the module DDP wraps) scores labels[:, 0]: the label offset its adapter publishes
+    (an enabled soft prompt's last virtual token predicts the first real token, as in peft)."""
+    return getattr(getattr(model, "module", model), "label_offset", 0) > 0
 
 
 def require_label_tokens(dataset, name: str):

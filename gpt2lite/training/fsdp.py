@@ -77,7 +77,7 @@ def shard_model(model: nn.Module, precision: str, reshard_after_forward: bool = 
     """fully_shard each block, then the root, in place (after the model is on its device); returns the model."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-    from gpt2lite.peft.lora.quantized import nf4_layers
+    from gpt2lite.quantization.linear import nf4_layers
 
     if cpu_offload and next(model.parameters()).device.type != "cuda":
         raise ValueError("fsdp_cpu_offload=True keeps the shards of a CUDA run in CPU memory; this run is on the "
@@ -146,7 +146,7 @@ def consolidate(model: nn.Module) -> nn.Module:
     the model can be exported, evaluated or sharded again as a plain one. Every rank must call it."""
     from torch.distributed.fsdp import FSDPModule
 
-    from gpt2lite.peft.lora.quantized import nf4_layers
+    from gpt2lite.quantization.linear import nf4_layers
 
     dtensor, gathered = dtensor_class(), {}
     for module in model.modules():

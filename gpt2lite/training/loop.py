@@ -52,10 +52,9 @@ from gpt2lite.training import distributed, fsdp
 from gpt2lite.training.checkpoint import load_trainable, save_trainable
 from gpt2lite.files import atomic_write_text
 from gpt2lite.training.memory import peak_memory_mb
-from gpt2lite.training.optim import lr_factor, parameter_groups  # noqa: F401 (imported from here by tests)
 from gpt2lite.training.precision import autocast
 from gpt2lite.training.config import TrainConfig
-from gpt2lite.training.evaluation import evaluate_loss, label_count, scores_first_label, to_device  # noqa: F401 (evaluate_loss)
+from gpt2lite.training.evaluation import label_count, scores_first_label, to_device
 from gpt2lite.training.run import Run, setup
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from gpt2lite.generation.decoding import GenerationConfig
 from gpt2lite.peft import MethodConfig
 from gpt2lite.experiment.search import SearchConfig
 from gpt2lite.tasks import DataError
-from gpt2lite.training.loop import TrainConfig
+from gpt2lite.training.config import TrainConfig
 
 WORDS = ("market shares rose sharply after the company reported strong quarterly earnings while analysts "
          "expected slower growth in the coming year as rates stay high").split()
@@ -109,7 +109,6 @@ def test_sample_caps_stream_only_the_first_rows_of_a_hub_dataset(monkeypatch):
     """A capped run asks the hub for the rows it uses (load_table's max_rows), not whole splits: the online
     demo trains on 2,000 CNN/DailyMail articles without downloading the 287,113 of the train split."""
     import gpt2lite.tasks.splits
-    import gpt2lite.tasks.text_splits
 
     asked = {}
 
@@ -118,7 +117,6 @@ def test_sample_caps_stream_only_the_first_rows_of_a_hub_dataset(monkeypatch):
         return [{"article": f"article {i}", "highlights": f"summary {i}", "text": "t", "label": 0}
                 for i in range(max_rows or 30)]
 
-    monkeypatch.setattr(gpt2lite.tasks.text_splits, "load_table", fake_load_table)
     monkeypatch.setattr(gpt2lite.tasks.splits, "load_table", fake_load_table)
     splits = load_splits(DataConfig(dataset="cnn_dailymail", dataset_config="3.0.0", max_train_samples=20,
                                     max_validation_samples=5, max_test_samples=7))
@@ -149,7 +147,7 @@ def test_every_generation_field_reaches_generate(monkeypatch):
     with the tokenizer that stop strings need."""
     import importlib
 
-    from gpt2lite.experiment.runs import generate_texts
+    from gpt2lite.tasks.builders import generate_texts
     from gpt2lite.tokenizer import Tokenizer
 
     seen = {}
@@ -185,7 +183,7 @@ def finetuned(tmp_path_factory, tiny_hf_dir):
 def test_finetune_writes_a_peft_adapter_predictions_and_a_report(finetuned, tiny_hf_dir):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from gpt2lite.cli.pipeline import load_for_inference
+    from gpt2lite.experiment.outputs import load_for_inference
 
     root, data, out, result = finetuned
     config = json.load(open(out / "adapter" / "adapter_config.json"))
@@ -241,7 +239,7 @@ def test_evaluate_scores_the_adapter_as_finetune_did(finetuned):
 
 def test_merge_writes_a_checkpoint_that_equals_the_adapter(finetuned):
     from gpt2lite import GPT2
-    from gpt2lite.cli.pipeline import load_for_inference
+    from gpt2lite.experiment.outputs import load_for_inference
 
     root, _, out, _ = finetuned
     run(["merge", "--adapter", str(out / "adapter"), "--output", str(root / "merged")])

@@ -11,7 +11,9 @@ import gpt2lite.cli.pipeline
 from gpt2lite.cli import run
 from gpt2lite.tasks.splits import DataConfig
 from gpt2lite.peft import MethodConfig
-from gpt2lite.training.loop import TrainConfig, evaluate_loss, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.evaluation import evaluate_loss
+from gpt2lite.training.loop import train
 
 
 @pytest.fixture
@@ -100,7 +102,7 @@ def test_evaluate_reports_what_the_adapter_trains_as_peft_counts_it(method, head
                                                                                      else "SEQ_CLS"))
     reference.save_pretrained(str(tmp_path / "adapter"))
     trainable, total = reference.get_nb_trainable_parameters()
-    loaded, _ = gpt2lite.cli.pipeline.load_for_inference(str(base), str(tmp_path / "adapter"), device="cpu")
+    loaded, _ = gpt2lite.experiment.outputs.load_for_inference(str(base), str(tmp_path / "adapter"), device="cpu")
     row = method_row("adapter", {}, loaded, {})
     assert (row["trainable_params"], row["total_params"]) == (trainable, total)
     assert 0 < row["trainable_pct"] < 1

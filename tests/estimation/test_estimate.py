@@ -14,7 +14,7 @@ from gpt2lite.cli import run as run_cli
 from gpt2lite.tasks.splits import DataConfig
 from gpt2lite.estimation import estimate
 from gpt2lite.estimation.budget import fit_budget, parse_size, with_batch
-from gpt2lite.estimation.estimate import describe_run, estimate_run, model_builder
+from gpt2lite.estimation.predict import describe_run, estimate_run, model_builder
 from gpt2lite.estimation.heap import Heap
 from gpt2lite.estimation.trace import trace_step
 from gpt2lite.training.config import TrainConfig

@@ -157,7 +157,7 @@ def test_pretraining_corpus_holds_no_evaluation_example(stdlib_corpora):
 
 
 def test_offline_fallback_pretrains_and_says_so(cache, monkeypatch):
-    import gpt2lite.experiment.runs as experiment
+    import gpt2lite.experiment as experiment
     from gpt2lite.experiment.report import OFFLINE_PRETRAINED_NOTE, method_row, to_markdown
 
     monkeypatch.setattr("gpt2lite.experiment.base_model.hub_reachable", lambda: False)

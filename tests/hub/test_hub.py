@@ -28,9 +28,11 @@ CLIENT = r"""
 import json, os, sys
 import torch
 from gpt2lite import GPT2
-from gpt2lite.experiment.runs import load_base_model, summarization_splits
+from gpt2lite.experiment.base_model import load_base_model
+from gpt2lite.tasks.splits import DataConfig, load_splits
 from gpt2lite.peft import load_adapter
-from gpt2lite.tasks.loading import hub_reachable, load_table
+from gpt2lite.hub.pretrained import hub_reachable
+from gpt2lite.tasks.loading import load_table
 
 out = sys.argv[1]
 ids = torch.tensor(json.loads(sys.argv[2]))
@@ -43,7 +45,7 @@ with torch.no_grad():
     adapted = load_adapter(GPT2.from_pretrained("gpt2"), "user/adapter").eval()
     torch.save(adapted(ids), os.path.join(out, "adapter_logits.pt"))
 if sys.argv[3] == "data":
-    splits = summarization_splits(dataset="cnn_dailymail", config_name="3.0.0")
+    splits = load_splits(DataConfig(dataset="cnn_dailymail", dataset_config="3.0.0"), allow_fallback=True)
     result["fallback"] = splits.fallback
     result["splits"] = {name: [dict(row) for row in getattr(splits, name)] for name in ("train", "validation", "test")}
     result["first_rows"] = [dict(row) for row in load_table("cnn_dailymail", "3.0.0", split="train", max_rows=7)]

@@ -11,10 +11,10 @@ from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, generate
 from gpt2lite.kernels import FastLinear, use_fast_kernels, uses_fast_kernels
 from gpt2lite.kernels.attention import scaled_dot_product_attention
 from gpt2lite.kernels.linear import linear as fast_linear
-from gpt2lite.kernels.loss import causal_lm_loss
+from gpt2lite.kernels.loss import lm_loss as causal_lm_loss
 from gpt2lite.loss import IGNORE_INDEX, lm_loss
 from gpt2lite.peft import add_ia3, add_lora, merge_and_unload
-from gpt2lite.peft.lora.quantized import quantize_nf4
+from gpt2lite.quantization.linear import quantize_nf4
 
 from helpers import TOKENS, hf_lm, load
 

@@ -10,7 +10,7 @@ import torch
 import gpt2lite
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, Tokenizer, count_parameters, generate
 from gpt2lite.model.gpt_neo import GPTNeoSelfAttention, compress_attention_layers, config_to_hf, expand_attention_types
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 from helpers import save_random
 
 transformers = pytest.importorskip("transformers")
@@ -259,8 +259,9 @@ def test_half_precision_attention_does_not_overflow():
 # --------------------------------------------------------------------------------------------- fine-tuning
 
 peft = pytest.importorskip("peft")
-from gpt2lite.peft import (add_bitfit, add_lora, apply, freeze_layers, frozen_baseline,  # noqa: E402
-                           full_finetuning, load_adapter, quantize_nf4, save_adapter)
+from gpt2lite.peft import (add_bitfit, add_lora, apply, freeze_layers, frozen_baseline, full_finetuning,  # noqa: E402
+                           load_adapter, save_adapter)
+from gpt2lite.quantization import quantize_nf4  # noqa: E402
 from gpt2lite.peft.ia3 import add_ia3  # noqa: E402
 from gpt2lite.peft.prefix import add_prefix  # noqa: E402
 from gpt2lite.peft.prompt import add_soft_prompt  # noqa: E402

@@ -12,7 +12,7 @@ from gpt2lite.model.architectures import stores_transposed
 pytest.importorskip("peft")
 from gpt2lite.peft import apply, save_adapter  # noqa: E402
 from gpt2lite.peft.ia3 import ia3_layers  # noqa: E402
-from gpt2lite.peft.lora.layer import lora_layers  # noqa: E402
+from gpt2lite.peft.lora.add import lora_layers  # noqa: E402
 
 ADAPTED = {"lora": ("q_proj", "v_proj"), "qlora": ("q_proj", "v_proj"), "ia3": ("c_proj", "q_proj", "v_proj")}
 

@@ -6,10 +6,10 @@ import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
 from gpt2lite.model.architectures import architecture
-from gpt2lite.hub.pretrained import hf_to_gpt2lite, read_state_dict
+from gpt2lite.hub.weights import hf_to_gpt2lite, read_state_dict
 from gpt2lite.kernels import FastLinear
-from gpt2lite.peft import (LoRALinear, ModulesToSave, add_lora, disable_adapters, merge_and_unload, merge_lora,
-                           quantize_nf4, unmerge_lora)
+from gpt2lite.peft import LoRALinear, ModulesToSave, add_lora, disable_adapters, merge_and_unload, merge_lora, unmerge_lora
+from gpt2lite.quantization import quantize_nf4
 from helpers import TOKENS, adamw_steps, load
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
-from gpt2lite.peft import NF4Linear, apply, quantize_nf4, save_adapter
+from gpt2lite.quantization import NF4Linear, quantize_nf4
+from gpt2lite.peft import apply, save_adapter
 from gpt2lite.model.surgery import replace_modules
 from gpt2lite.peft.lora.layer import plain_linear
 from helpers import TOKENS

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, GPT2ForSequenceClassification, count_parameters
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 from gpt2lite.peft import LoRALinear, ModulesToSave, add_lora, load_adapter, merge_and_unload, save_adapter
-from gpt2lite.peft.lora.layer import lora_trainable_parameters
+from gpt2lite.peft.lora.add import lora_trainable_parameters
 from helpers import TOKENS
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
-from gpt2lite.hub.pretrained import CheckpointError
-from gpt2lite.peft import quantize_nf4
-from gpt2lite.peft.lora.quantized import NF4Linear
+from gpt2lite.errors import CheckpointError
+from gpt2lite.quantization import quantize_nf4
+from gpt2lite.quantization.linear import NF4Linear
 
 from conftest import REPO_ROOT, hf_gpt2_config
 
@@ -104,7 +104,7 @@ def test_bad_options_get_clear_errors(tiny_hf_dir, tmp_path):
 PEAK_RSS_SCRIPT = textwrap.dedent("""
     import resource, sys
     import gpt2lite
-    from gpt2lite.peft import quantize_nf4
+    from gpt2lite.quantization import quantize_nf4
 
     def resident():  # bytes resident now
         return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()

@@ -14,7 +14,8 @@ import torch
 
 from conftest import REPO_ROOT
 from gpt2lite.experiment.base_model import copy_for_run, load_base_model
-from gpt2lite.peft import MethodConfig, quantize_nf4
+from gpt2lite.peft import MethodConfig
+from gpt2lite.quantization import quantize_nf4
 
 SAVE_MEDIUM = textwrap.dedent("""
     import sys, torch, transformers

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gpt2lite import GPT2, GPT2Config, count_parameters
-from gpt2lite.peft.lora.layer import add_lora
+from gpt2lite.peft.lora.add import add_lora
 from gpt2lite.quantization.nf4 import (ABSMAX_BLOCK_SIZE, NF4_BLOCK_SIZE, dequantize_nf4_tensor, dynamic_map, nf4_codebook,
                                        quantize_nf4_tensor)
-from gpt2lite.peft.lora.quantized import NF4Linear, quantize_nf4
+from gpt2lite.quantization.linear import NF4Linear, quantize_nf4
 from helpers import adamw_steps
 
 # The NF4 data type as published (QLoRA paper, appendix E; bitsandbytes' NF4 lookup table).

@@ -55,7 +55,7 @@ def test_summarization_loss_only_on_target_tokens(tokenizer):
     torch.manual_seed(0)
     model = GPT2(GPT2Config.from_name("tiny", n_positions=64)).eval()
     [row] = build_summarization([{"doc": "Some long source text about things.", "sum": "Short."}], tokenizer,
-                                source_column="doc", target_column="sum", max_length=64).rows
+                                input_column="doc", target_column="sum", max_length=64).rows
     batch = collate([row])
     loss = model(**batch)
     logits = model(batch["input_ids"])[0]  # (T, V)
@@ -147,7 +147,7 @@ def test_missing_column_names_the_existing_ones(tmp_path, tokenizer):
     table = load_table(data_files=write_jsonl(tmp_path / "d.jsonl", [{"document": "a", "summary": "b"}]))
     with pytest.raises(DataError, match=r"no column 'article'.*\['document', 'summary'\]"):
         build_summarization(table, tokenizer)
-    ex = build_summarization(table, tokenizer, source_column="document", target_column="summary")
+    ex = build_summarization(table, tokenizer, input_column="document", target_column="summary")
     assert len(ex) == 1
 
 
@@ -316,6 +316,6 @@ def test_docstring_corpus_is_deterministic_and_usable(tokenizer):
     for example in corpus["train"]:
         assert example["target"] and "\n" not in example["target"]
         assert example["target"] not in example["source"]  # the summary line is not in the source
-    ex = build_summarization(corpus["train"], tokenizer, source_column="source", target_column="target",
+    ex = build_summarization(corpus["train"], tokenizer, input_column="source", target_column="target",
                              max_length=128)
     assert len(ex) == len(corpus["train"]) and all(len(r["input_ids"]) <= 128 for r in ex.rows)

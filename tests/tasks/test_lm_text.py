@@ -87,14 +87,14 @@ def test_cli_perplexity_of_a_text_file_is_that_of_its_exact_text(suffix, tmp_pat
 def test_hub_rows_are_joined_as_the_perplexity_guide_joins_them(monkeypatch, tiny_hf_dir, reference):
     """WikiText from the hub: the test text is "\\n\\n".join(test["text"]) (blank rows included), and the
     training blocks are cut from the train rows joined the same way."""
-    import gpt2lite.tasks.text_splits
+    import gpt2lite.tasks.splits
 
     model, tokenizer = reference
 
     def fake_load_table(dataset=None, config_name=None, data_files=None, split="train", max_rows=None, **kwargs):
         return [{"text": row} for row in (ROWS if split == "test" else ROWS[::-1] * 3)]
 
-    monkeypatch.setattr(gpt2lite.tasks.text_splits, "load_table", fake_load_table)
+    monkeypatch.setattr(gpt2lite.tasks.splits, "load_table", fake_load_table)
     data = DataConfig(task="language_modeling", dataset="wikitext", dataset_config="wikitext-2-raw-v1",
                       max_length=WINDOW, stride=STRIDE)
     task = build_task(data, load_splits(data), Tokenizer(), WINDOW, GenerationConfig(max_new_tokens=4))

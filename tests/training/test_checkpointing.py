@@ -9,7 +9,8 @@ import torch
 
 from gpt2lite import GPT2, GPT2Config
 from gpt2lite.peft import apply
-from gpt2lite.training.loop import TrainConfig, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train
 from train_helpers import Crash, collate_lm, crash_at, lm_examples, resume_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -9,7 +9,8 @@ import types
 import pytest
 
 from gpt2lite.training import loggers
-from gpt2lite.training.loop import TrainConfig, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train
 from train_helpers import collate_lm, lm_examples, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

@@ -15,9 +15,10 @@ import torch
 
 from gpt2lite import GPT2, GPT2Config
 from gpt2lite.training.checkpoint import load_checkpoint
-from gpt2lite.hub.pretrained import CheckpointError
+from gpt2lite.errors import CheckpointError
 from gpt2lite.training.optim import lr_factor
-from gpt2lite.training.loop import TrainConfig, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.loop import train
 from train_helpers import Crash, collate_lm, crash_at, lm_examples, resume_config, tiny_model
 
 

@@ -9,7 +9,10 @@ import torch
 
 from gpt2lite import GPT2, GPT2ForSequenceClassification
 from gpt2lite.training.checkpoint import load_trainable
-from gpt2lite.training.loop import TrainConfig, label_count, lr_factor, parameter_groups, train
+from gpt2lite.training.config import TrainConfig
+from gpt2lite.training.evaluation import label_count
+from gpt2lite.training.optim import lr_factor, parameter_groups
+from gpt2lite.training.loop import train
 from train_helpers import collate_lm, lm_examples, pattern_examples, tiny_config, tiny_model
 
 
@@ -203,7 +206,7 @@ def test_early_stopping_keeps_and_restores_the_best_model(tmp_path):
     reloaded = tiny_model(1)
     load_trainable(reloaded, str(tmp_path / "best.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
-    from gpt2lite.training.loop import evaluate_loss
+    from gpt2lite.training.evaluation import evaluate_loss
 
     assert evaluate_loss(model, lm_examples(4, seed=7), collate_lm, 4) == pytest.approx(best, abs=1e-6)
 

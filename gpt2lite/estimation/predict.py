@@ -90,7 +90,7 @@ def hub_config_file(model: str) -> Optional[str]:
     when the hub is reachable; None when neither."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    from gpt2lite.tasks.loading import hub_reachable
+    from gpt2lite.hub.pretrained import hub_reachable
 
     try:
         cached = try_to_load_from_cache(model, "config.json")
@@ -110,7 +110,7 @@ def hub_config_file(model: str) -> Optional[str]:
 def describe_run(model: str, method, train: TrainConfig, data: DataConfig) -> Run:
     """The Run of `gpt2lite finetune` with these options (the method checked, the sequence length chosen)."""
     from gpt2lite.training.precision import resolve_precision
-    from gpt2lite.tasks.builders import virtual_tokens
+    from gpt2lite.tasks.builders import virtual_positions as virtual_tokens
 
     if isinstance(method, str) and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")

@@ -31,7 +31,8 @@ def load_sharded(name_or_path: str, method, precision: str = "fp32", cls=None, d
     tensor is filled (memory accounting in tests and benchmarks)."""
     from gpt2lite.training import fsdp
     from gpt2lite.model.architectures import architecture
-    from gpt2lite.hub.pretrained import model_for_checkpoint, read_config, resolve
+    from gpt2lite.hub.weights import model_for_checkpoint
+    from gpt2lite.hub.pretrained import read_config, resolve
     from gpt2lite.hub.weights import CheckpointReader
     from gpt2lite.model.gpt2 import GPT2
     from gpt2lite.peft.methods import MethodConfig, apply
@@ -57,7 +58,7 @@ def quantize_on_meta(model: nn.Module, compute_dtype, double_quant: bool):
     """Replace the block linears by NF4Linear layers on the meta device (their codes' shapes and dtypes)."""
     from gpt2lite.model.architectures import default_targets
     from gpt2lite.model.surgery import find_targets, replace_modules
-    from gpt2lite.peft.lora.quantized import NF4Linear
+    from gpt2lite.quantization.linear import NF4Linear
 
     names = find_targets(model, default_targets(model, "quantize"))
     replace_modules(model, names, lambda name, linear: NF4Linear(linear, compute_dtype, double_quant))
@@ -78,7 +79,7 @@ class TensorSource:
 
     def quantized(self, layer_name: str, layer: nn.Module) -> nn.Module:
         """A real NF4Linear with the layer's codes, its constants held as bytes as in the sharded layer."""
-        from gpt2lite.peft.lora.quantized import NF4Linear
+        from gpt2lite.quantization.linear import NF4Linear
 
         if self.layer_name != layer_name:
             key = layer_name[: -len(".base_layer")] if layer_name.endswith(".base_layer") else layer_name
