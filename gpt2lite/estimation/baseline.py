@@ -8,6 +8,7 @@ cached (cache_root()/rss_baseline.json, by Python, torch and gpt2lite version an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -44,8 +45,17 @@ def cache_key() -> str:
         version = metadata.version("gpt2lite")  # the installed distribution (the face is a later stage)
     except metadata.PackageNotFoundError:
         version = "not installed"
-    return f"python {platform.python_version()}, torch {torch.__version__}, gpt2lite {version}, " \
-           f"{torch.get_num_threads()} threads"
+    return f"python {platform.python_version()}, torch {torch.__version__}, gpt2lite {version} " \
+           f"({source_fingerprint()}), {torch.get_num_threads()} threads, {sys.prefix}"
+
+
+def source_fingerprint() -> str:
+    """A hash of the package's module paths and sizes: a checkout whose imports changed measures anew (and the
+    environment, sys.prefix, is in the key: another virtual environment imports other packages)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted((os.path.relpath(os.path.join(folder, name), package), os.path.getsize(os.path.join(folder, name)))
+                   for folder, _, names in os.walk(package) for name in names if name.endswith(".py"))
+    return hashlib.sha256(repr(files).encode()).hexdigest()[:12]
 
 
 def cache_path() -> str:

@@ -203,7 +203,7 @@ def trace_step(build_model: Callable[[], torch.nn.Module], shape: StepShape, con
 def shape_only_quantization():
     """4-bit quantization that makes tensors of the sizes quantize_nf4_tensor makes, without its arithmetic."""
     from gpt2lite.quantization import nf4
-    from gpt2lite.peft.lora import quantized as qlora
+    from gpt2lite.quantization import linear as qlora  # where NF4Linear calls them
 
     def quantize(weight, double_quant: bool = True, block_size: int = nf4.NF4_BLOCK_SIZE):
         n_blocks = -(-weight.numel() // block_size)

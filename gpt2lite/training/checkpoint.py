@@ -144,7 +144,7 @@ def check_resumable(checkpoint: dict, config, world):
                                   f"and is {getattr(config, name)!r} now; use the same value")
     if checkpoint["world_size"] != world.world_size:
         raise CheckpointError(f"cannot resume a {checkpoint['world_size']}-process run with {world.world_size} "
-                              "processes: the data would be split differently; run it with "
+                              "processes: the data would be split differently; run torchrun with "
                               f"--nproc_per_node (times --nnodes) = {checkpoint['world_size']}")
 
 

@@ -14,13 +14,13 @@ import pytest
 import gpt2lite.cli.pipeline
 from conftest import REPO_ROOT
 from gpt2lite.cli import main
-from gpt2lite.cli.parser import build_parser
+from gpt2lite.cli.parser import DASHED_FLAGS, build_parser
 
 pytestmark = pytest.mark.usefixtures("hub_offline")
 PACKAGE = REPO_ROOT / "gpt2lite"
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*(?:\.[A-Za-z_][\w-]*)*")
 # flags of other programs, named in the library's text beside the program's name
-OTHER_PROGRAMS = {"--nproc_per_node": "torchrun", "--logdir": "tensorboard"}
+OTHER_PROGRAMS = {"--nproc_per_node": "torchrun", "--nnodes": "torchrun", "--logdir": "tensorboard"}
 
 
 def write_rows(path, n: int = 12):
@@ -134,7 +134,7 @@ def parser_flags():
     flags = {option for action in parser._actions for option in action.option_strings}
     for sub in parser.commands.values():
         flags |= {option for action in sub._actions for option in action.option_strings}
-    return flags
+    return flags | set(DASHED_FLAGS)  # estimate's --memory-budget: also taken spelt with a dash
 
 
 def test_every_flag_a_message_names_is_a_real_flag():
