@@ -93,21 +93,21 @@ def _train_and_report(runs, model, data, train, generation, search, fallback, ne
 
     started = time.perf_counter()
     seed_everything(train.seed)  # before the base model is built: a classifier's new score head is random
-    setup = prepare(model, data, generation, [run.method for run in runs], fallback, seed=train.seed)
-    print("\n".join(setup.notes), flush=True)
+    prepared = prepare(model, data, generation, [run.method for run in runs], fallback, seed=train.seed)
+    print("\n".join(prepared.notes), flush=True)
     rows = []
     for index, run in enumerate(runs):
         output_dir = os.path.join(train.output_dir, run.name) if nested else train.output_dir
         print(f"\n=== {run.name}: {_describe(run.method)}", flush=True)
-        new_rows = run_one(run, setup, train, output_dir, search, reference_dir=train.output_dir,
+        new_rows = run_one(run, prepared, train, output_dir, search, reference_dir=train.output_dir,
                            last_use=index == len(runs) - 1)
         if new_rows:  # none: a search worker whose last trial was not the search's last
             print(f"    {_summary_line(new_rows[-1])}; outputs in {output_dir}", flush=True)
         rows += new_rows
     if not rows:
         return {"rows": [], "paths": {}}
-    paths = write_report(rows, train.output_dir, setup.task.kind, title=title, random_init=setup.base.random_init,
-                         notes=setup.notes)
+    paths = write_report(rows, train.output_dir, prepared.task.kind, title=title,
+                         random_init=prepared.base.random_init, notes=prepared.notes)
     print("\n" + open(paths["md"]).read())
     print(f"wrote {', '.join(sorted(paths.values()))} ({time.perf_counter() - started:.0f}s)")
     return {"rows": rows, "paths": paths}

@@ -42,7 +42,7 @@ class MethodRun:
 
 
 @dataclass
-class Setup:
+class Prepared:
     """What every run of one command shares."""
 
     base: BaseModel
@@ -53,7 +53,7 @@ class Setup:
 
 
 def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods: Sequence, fallback,
-            seed: int = 0) -> Setup:
+            seed: int = 0) -> Prepared:
     """Load the data and the base model, and build the task with room for the methods' virtual tokens.
     fallback: None (fail offline), "random" (a random-init tiny model offline) or a PretrainConfig (a small
     model pretrained offline, cached)."""
@@ -72,7 +72,7 @@ def prepare(model: str, data: DataConfig, generation: GenerationConfig, methods:
     task = build_task(data, splits, Tokenizer(), context, generation)
     notes = [f"model: {base.description}", f"data: {splits.description}",
              f"examples: {len(task.train)} train, {len(task.validation)} validation, {task.test_size} test"]
-    return Setup(base, reference, task, data, notes)
+    return Prepared(base, reference, task, data, notes)
 
 
 def shared_load_options(methods: Sequence) -> dict:
@@ -82,14 +82,14 @@ def shared_load_options(methods: Sequence) -> dict:
     return options[0] if options and all(o == options[0] for o in options) else {}
 
 
-def base_reference(setup: Setup, output_dir: str) -> str:
+def base_reference(prepared: Prepared, output_dir: str) -> str:
     """The base model's hub id or directory; a base that cannot be named is written to output_dir/base_model."""
-    if setup.base_reference is None:
+    if prepared.base_reference is None:
         directory = os.path.abspath(os.path.join(output_dir, "base_model"))
-        setup.base.model.save_pretrained(directory)
-        save_tokenizer_files(directory, setup.base.model.config.n_positions)
-        setup.base_reference = directory
-    return setup.base_reference
+        prepared.base.model.save_pretrained(directory)
+        save_tokenizer_files(directory, prepared.base.model.config.n_positions)
+        prepared.base_reference = directory
+    return prepared.base_reference
 
 
 def train_config_for(run: MethodRun, train: TrainConfig, output_dir: str) -> TrainConfig:
@@ -99,29 +99,29 @@ def train_config_for(run: MethodRun, train: TrainConfig, output_dir: str) -> Tra
     return dataclasses.replace(train, **changes)
 
 
-def run_one(run: MethodRun, setup: Setup, train: TrainConfig, output_dir: str, search: SearchConfig,
+def run_one(run: MethodRun, prepared: Prepared, train: TrainConfig, output_dir: str, search: SearchConfig,
             reference_dir: str, last_use: bool = False) -> List[dict]:
     """Train (or search, then train) one method in output_dir, save what it produced, return its report
     rows (two with merged_row). last_use: no later run needs the base, so this one trains the base itself
     rather than a copy of it (a QLoRA finetune then holds one 4-bit model, not two)."""
     config = train_config_for(run, train, output_dir)
     adapter = run.method is not None and run.method.name in ADAPTER_METHODS
-    reference = base_reference(setup, reference_dir) if adapter else None  # written before the base trains
+    reference = base_reference(prepared, reference_dir) if adapter else None  # written before the base trains
     if search.trials and run.method is not None:
-        result = search_method(run, setup, config, search)
+        result = search_method(run, prepared, config, search)
         if result is None:  # another worker of the search writes this method's outputs
             return []
     else:
-        result = run_method(run.name, run.method, setup.base, setup.task, config, sampler_seed=train.seed,
+        result = run_method(run.name, run.method, prepared.base, prepared.task, config, sampler_seed=train.seed,
                             copy_base=not last_use)
     save_outputs(result.model, run.method, result.predictions, output_dir, reference)
     rows = [result.row]
     if run.merged_row:
-        rows.append(merged_row(run, result, setup))
+        rows.append(merged_row(run, result, prepared))
     return rows
 
 
-def merged_row(run: MethodRun, result, setup: Setup) -> dict:
+def merged_row(run: MethodRun, result, prepared: Prepared) -> dict:
     """The report row of the run's LoRA merged into the weights (merge_and_unload)."""
     from gpt2lite.peft import merge_and_unload
     from gpt2lite.experiment.report import method_row
@@ -129,21 +129,21 @@ def merged_row(run: MethodRun, result, setup: Setup) -> dict:
     if run.method is None or run.method.name not in ("lora", "qlora"):
         raise ValueError(f"run {run.name!r}: merged_row needs a lora or qlora method")
     merged = merge_and_unload(result.model)
-    quality, _ = setup.task.evaluate(merged)
-    return method_row(f"{run.name} merged", result.summary, merged, quality, random_init=setup.base.random_init,
-                      base_kind=setup.base.kind)
+    quality, _ = prepared.task.evaluate(merged)
+    return method_row(f"{run.name} merged", result.summary, merged, quality, random_init=prepared.base.random_init,
+                      base_kind=prepared.base.kind)
 
 
-def search_method(run: MethodRun, setup: Setup, config: TrainConfig, search: SearchConfig):
+def search_method(run: MethodRun, prepared: Prepared, config: TrainConfig, search: SearchConfig):
     """Optuna trials of one method (each in config.output_dir/trial_<n>/, the study in search.storage); the
     best trial's model, or with retrain_best_model the best configuration trained again on the whole
     training split. None in a worker that did not finish the search's last trial: that one writes the result."""
     space = space_for(run.method.name)
-    cap = search.train_samples or setup.data.max_train_samples
-    trial_task = copy.copy(setup.task)
-    trial_task.train = copy.copy(setup.task.train)
+    cap = search.train_samples or prepared.data.max_train_samples
+    trial_task = copy.copy(prepared.task)
+    trial_task.train = copy.copy(prepared.task.train)
     if cap is not None:
-        trial_task.train.rows = subset(setup.task.train.rows, 1.0, cap, setup.data.seed)
+        trial_task.train.rows = subset(prepared.task.train.rows, 1.0, cap, prepared.data.seed)
 
     def configured(params, output_dir):
         options = {k: v for k, v in params.items() if k in ("rank", "alpha", "dropout")}
@@ -157,14 +157,14 @@ def search_method(run: MethodRun, setup: Setup, config: TrainConfig, search: Sea
             if record["type"] == "eval":
                 report(record["val_loss"], record["step"])
 
-        result = run_method(run.name, method, setup.base, trial_task, trial_config, sampler_seed=config.seed,
+        result = run_method(run.name, method, prepared.base, trial_task, trial_config, sampler_seed=config.seed,
                             evaluate=False, on_log=on_log)
         value = result.row["best_val_loss"]
         print(f"    {run.name} trial {os.path.basename(trial_dir)}: {params} -> val loss {value}", flush=True)
         return value
 
-    model_id = setup.base_reference if setup.base.kind == "pretrained" else setup.base.kind
-    study_name = search.study_name or f"{run.name}:{setup.data.task}:{model_id}"
+    model_id = prepared.base_reference if prepared.base.kind == "pretrained" else prepared.base.kind
+    study_name = search.study_name or f"{run.name}:{prepared.data.task}:{model_id}"
     found = run_search(objective, search.trials, config.output_dir, space=space, seed=config.seed,
                        storage=search.storage, study_name=study_name, pruner=search.pruner,
                        heartbeat_s=search.heartbeat_s)
@@ -177,12 +177,12 @@ def search_method(run: MethodRun, setup: Setup, config: TrainConfig, search: Sea
           f"(val loss {found['best_value']:.4f})", flush=True)
     method, best_config = configured(found["best_params"], os.path.join(config.output_dir, "best_model"))
     if search.retrain_best_model:
-        return run_method(f"{run.name} (best trial, retrained)", method, setup.base, setup.task, best_config,
+        return run_method(f"{run.name} (best trial, retrained)", method, prepared.base, prepared.task, best_config,
                           sampler_seed=config.seed)
-    return best_trial_result(run, setup, method, config, found)
+    return best_trial_result(run, prepared, method, config, found)
 
 
-def best_trial_result(run: MethodRun, setup: Setup, method: MethodConfig, config: TrainConfig, found: dict):
+def best_trial_result(run: MethodRun, prepared: Prepared, method: MethodConfig, config: TrainConfig, found: dict):
     """The best trial's model rebuilt from its folder (it may have run in another process), scored on the
     test split."""
     from gpt2lite.training.checkpoint import load_trainable
@@ -196,11 +196,11 @@ def best_trial_result(run: MethodRun, setup: Setup, method: MethodConfig, config
                                 "Run this command where its folder is, or add --search.retrain_best_model true")
     with open(os.path.join(trial_dir, "summary.json")) as f:
         summary = {**json.load(f), "best_val_loss": found["best_value"]}
-    model = copy.deepcopy(setup.base.model)
+    model = copy.deepcopy(prepared.base.model)
     apply(model, method)
     load_trainable(model, os.path.join(trial_dir, os.path.basename(summary["model_file"])))
     model.to(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    quality, predictions = setup.task.evaluate(model)
-    row = method_row(f"{run.name} (best trial)", summary, model, quality, random_init=setup.base.random_init,
-                     base_kind=setup.base.kind)
+    quality, predictions = prepared.task.evaluate(model)
+    row = method_row(f"{run.name} (best trial)", summary, model, quality, random_init=prepared.base.random_init,
+                     base_kind=prepared.base.kind)
     return MethodResult(row, model, summary, predictions)

@@ -1,4 +1,4 @@
-"""The training loop and what it needs: train() (loop), setup() and the live Run (run), the counters (state),
+"""The training loop and what it needs: train() (loop), start_run() and the live Run (run), the counters (state),
 TrainConfig (config), evaluation, optim, precision, distributed, loggers, memory, checkpoint."""
 
 from gpt2lite.training.config import TrainConfig

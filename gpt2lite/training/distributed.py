@@ -1,7 +1,7 @@
 """The little that torchrun/DistributedDataParallel needs: set-up from the environment, rank helpers, sums.
 
 `torchrun --nproc_per_node N script.py` starts N processes with RANK, LOCAL_RANK and WORLD_SIZE set; the
-training loop calls `setup()` and works unchanged with one process (no environment: world of 1).
+training loop calls `join_world()` and works unchanged with one process (no environment: world of 1).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class World:
         return self.rank == 0
 
 
-def setup(device_type: str) -> World:
+def join_world(device_type: str) -> World:
     """Join the process group that torchrun describes (gloo on CPU, nccl on CUDA); a world of 1 otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:

@@ -1,6 +1,6 @@
 """The training loop: `train(model, train_dataset, config, ...)`, readable in one sitting.
 
-train() calls setup() (train_setup.py), which builds a `Run`: device, processes, DDP wrapper or FSDP
+train() calls start_run() (run.py), which builds a `Run`: device, processes, DDP wrapper or FSDP
 sharding (fsdp.py; the model is gathered back whole onto every rank at the end), optimizer,
 schedule, scaler, loggers and the loop's `TrainState`, resumed from a checkpoint if asked. Then it runs the
 loop: each step accumulates gradients over micro-batches, updates, logs, evaluates and saves. The config
@@ -55,7 +55,7 @@ from gpt2lite.training.memory import peak_memory_mb
 from gpt2lite.training.precision import autocast
 from gpt2lite.training.config import TrainConfig
 from gpt2lite.training.evaluation import label_count, scores_first_label, to_device
-from gpt2lite.training.run import Run, setup
+from gpt2lite.training.run import Run, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def train(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
         seeded by config.seed + epoch. Under torchrun each rank takes every world_size-th index.
     on_log: called on rank 0 with each record of log.jsonl (a dict), to feed your own tracker; raising ends the run.
     """
-    run = setup(model, train_dataset, config, eval_dataset, collate_fn, sampler, eval_collate_fn, on_log)
+    run = start_run(model, train_dataset, config, eval_dataset, collate_fn, sampler, eval_collate_fn, on_log)
     state = run.state
     # a run resumed from its last checkpoint may already be finished
     stopped_by = None if state.step == 0 else run.stop_reason(run.reached_total_steps())

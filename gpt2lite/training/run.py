@@ -1,6 +1,6 @@
-"""How a training run is set up: `setup()` builds the `Run` that train() loops over.
+"""How a training run is set up: `start_run()` builds the `Run` that train() loops over.
 
-setup() checks the inputs (a run that could not train or could not resume exactly is refused before any
+start_run() checks the inputs (a run that could not train or could not resume exactly is refused before any
 work), picks the device and precision, joins torchrun's process group, moves the model (activation
 checkpointing, DDP wrapper), builds AdamW's parameter groups, the lr schedule and the grad scaler, seeds
 the RNGs, resumes from a checkpoint if asked, and opens log.jsonl, the reporters and the progress bar.
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Run:
-    """What setup() builds for one call of train(): the model (and its DDP wrapper), where and how it trains,
+    """What start_run() builds for one call of train(): the model (and its DDP wrapper), where and how it trains,
     the optimizer, schedule and grad scaler, the loop's TrainState, and where records and files go."""
 
     config: TrainConfig
@@ -150,7 +150,7 @@ class Run:
             reporter.close()
 
 
-def setup(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_fn: Optional[Callable] = None,
+def start_run(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_fn: Optional[Callable] = None,
           sampler=None, eval_collate_fn: Optional[Callable] = None,
           on_log: Optional[Callable[[dict], None]] = None) -> Run:
     """Check the inputs; pick the device and precision; join torchrun's process group; move (and DDP-wrap)
@@ -161,7 +161,7 @@ def setup(model, train_dataset, config: TrainConfig, eval_dataset=None, collate_
         from gpt2lite.tasks.batching import collate as collate_fn
     device = _device(config)
     precision = resolve_precision(config.precision, device)  # "auto" -> "bf16" or "fp32", logged
-    world = distributed.setup(device.type)
+    world = distributed.join_world(device.type)
     given, model = model, uncompiled(model)  # a torch.compile'd model trains compiled, saves as the model
     ddp_model, trainable_params, total_params = _prepare_model(model, config, device, world, given, precision)
 
