@@ -110,7 +110,7 @@ def hub_config_file(model: str) -> Optional[str]:
 def describe_run(model: str, method, train: TrainConfig, data: DataConfig) -> Run:
     """The Run of `gpt2lite finetune` with these options (the method checked, the sequence length chosen)."""
     from gpt2lite.training.precision import resolve_precision
-    from gpt2lite.tasks.builders import virtual_positions as virtual_tokens
+    from gpt2lite.tasks.builders import virtual_positions
 
     if isinstance(method, str) and method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -118,7 +118,7 @@ def describe_run(model: str, method, train: TrainConfig, data: DataConfig) -> Ru
     if method.name not in METHODS:
         raise ValueError(f"unknown method {method.name!r}; choose one of {METHODS}")
     config, source = model_config(model)
-    context = config.n_positions - virtual_tokens(method)
+    context = config.n_positions - virtual_positions(method)
     seq_len = min(data.max_length or context, context)
     device = torch.device(train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     num_labels = (data.num_labels or 2) if data.task == "classification" else None
