@@ -42,19 +42,20 @@ def join_world(device_type: str) -> World:
 
 def all_reduce_sum(values: Sequence[float], world: World, device) -> List[float]:
     """Sum a few numbers over all processes (one collective); a no-op for a single process."""
-    if not world.distributed:
-        return [float(v) for v in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
+    return all_reduce_numbers(values, world, device, "sum")
 
 
 def all_reduce_max(values: Sequence[float], world: World, device) -> List[float]:
     """The largest of a few numbers over all processes (one collective); a no-op for a single process."""
+    return all_reduce_numbers(values, world, device, "max")
+
+
+def all_reduce_numbers(values: Sequence[float], world: World, device, op: str) -> List[float]:
+    """A few numbers reduced ("sum" or "max") over all processes in one float64 collective."""
     if not world.distributed:
         return [float(v) for v in values]
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return tensor.tolist()
 
 
