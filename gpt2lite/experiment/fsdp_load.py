@@ -20,8 +20,18 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gpt2lite.dtypes import torch_dtype
+from gpt2lite.hub.pretrained import read_config, resolve
+from gpt2lite.hub.weights import CheckpointReader, model_for_checkpoint
+from gpt2lite.model.architectures import architecture, default_targets
+from gpt2lite.model.gpt2 import GPT2
+from gpt2lite.model.surgery import find_targets, replace_modules
+from gpt2lite.peft.methods import MethodConfig, apply
+from gpt2lite.quantization.linear import NF4Linear
+from gpt2lite.quantization.nf4 import dynamic_map, nf4_codebook
+from gpt2lite.training import fsdp
 
 
 def load_sharded(name_or_path: str, method, precision: str = "fp32", cls=None, dtype=None, device="cpu",
@@ -29,14 +39,6 @@ def load_sharded(name_or_path: str, method, precision: str = "fp32", cls=None, d
     """The sharded `cls` (default GPT2) from a checkpoint with `method` (a MethodConfig or its dict: "qlora",
     "lora" or "full") applied; every rank must call it, in a process group. on_tensor(name) is called after each
     tensor is filled (memory accounting in tests and benchmarks)."""
-    from gpt2lite.training import fsdp
-    from gpt2lite.model.architectures import architecture
-    from gpt2lite.hub.weights import model_for_checkpoint
-    from gpt2lite.hub.pretrained import read_config, resolve
-    from gpt2lite.hub.weights import CheckpointReader
-    from gpt2lite.model.gpt2 import GPT2
-    from gpt2lite.peft.methods import MethodConfig, apply
-
     method = MethodConfig.from_value(method)
     if method.name not in ("qlora", "lora", "full") or method.dora:
         raise ValueError(f"load_sharded supports the 'qlora', 'lora' (no DoRA) and 'full' methods, got "
@@ -56,10 +58,6 @@ def load_sharded(name_or_path: str, method, precision: str = "fp32", cls=None, d
 
 def quantize_on_meta(model: nn.Module, compute_dtype, double_quant: bool):
     """Replace the block linears by NF4Linear layers on the meta device (their codes' shapes and dtypes)."""
-    from gpt2lite.model.architectures import default_targets
-    from gpt2lite.model.surgery import find_targets, replace_modules
-    from gpt2lite.quantization.linear import NF4Linear
-
     names = find_targets(model, default_targets(model, "quantize"))
     replace_modules(model, names, lambda name, linear: NF4Linear(linear, compute_dtype, double_quant))
 
@@ -79,8 +77,6 @@ class TensorSource:
 
     def quantized(self, layer_name: str, layer: nn.Module) -> nn.Module:
         """A real NF4Linear with the layer's codes, its constants held as bytes as in the sharded layer."""
-        from gpt2lite.quantization.linear import NF4Linear
-
         if self.layer_name != layer_name:
             key = layer_name[: -len(".base_layer")] if layer_name.endswith(".base_layer") else layer_name
             linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -116,10 +112,6 @@ class TensorSource:
 @torch.no_grad()
 def fill_shards(model: nn.Module, source: TensorSource, on_tensor=None):
     """Fill every rank's shards (and the replicated buffers), one whole tensor at a time."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    from gpt2lite.quantization.nf4 import dynamic_map, nf4_codebook
-
     done = set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
